@@ -1,0 +1,226 @@
+"""Thin shared code: the LPG gridworlds as gymnax environments, task groups, checkpoint I/O, errors.
+
+The gridworlds follow Oh et al. (2020), "Discovering Reinforcement Learning Algorithms": walls around
+an empty interior, 9 actions (stay + 8 compass moves), objects with (reward, termination probability,
+respawn probability), binary observation planes laid out channels-last (H, W, num_objects + 1) so
+that flax's `nn.Conv` convolves over the spatial axes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import gymnax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization, struct
+from gymnax.environments import environment, spaces
+
+# ----------------------------------------------------------------------------------------------
+# Gridworlds
+# ----------------------------------------------------------------------------------------------
+
+# Row/column offsets of the 9 actions: stay, N, NE, E, SE, S, SW, W, NW.
+MOVES = np.array([[0, 0], [-1, 0], [-1, 1], [0, 1], [1, 1], [1, 0], [1, -1], [0, -1], [-1, -1]], np.int32)
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    height: int  # walls included
+    width: int
+    objects: tuple[tuple[float, float, float], ...]  # (reward, terminate prob, respawn prob)
+    max_steps: int
+
+
+_SPARSE = ((1.0, 0.0, 0.05), (-1.0, 0.5, 0.05))
+_DENSE = ((1.0, 0.0, 0.5), (-1.0, 0.5, 0.5))
+GRIDWORLDS: dict[str, GridSpec] = {
+    "small_sparse_short": GridSpec(5, 10, _SPARSE, 50),
+    "small_sparse_long": GridSpec(10, 5, _SPARSE, 500),
+    "small_dense_short": GridSpec(6, 8, _DENSE, 50),
+    "small_dense_long": GridSpec(8, 6, _DENSE, 500),
+    "big_sparse_short": GridSpec(12, 14, _SPARSE * 2, 50),
+    "big_sparse_long": GridSpec(14, 12, _SPARSE * 2, 500),
+    "big_dense_short": GridSpec(11, 15, _DENSE * 2, 50),
+    "big_dense_long": GridSpec(15, 11, _DENSE * 2, 500),
+}
+# `_SPARSE * 2` repeats the pair: (+1, -1, +1, -1); the order of objects does not matter.
+
+# Reward scaling used for each task (PAPER_NOTES): spreads agent gradients over several scales.
+REWARD_SCALES = {
+    "small_dense_long": 1e3,
+    "small_dense_short": 1e2,
+    "big_sparse_short": 1e2,
+    "big_dense_short": 1e1,
+    "big_sparse_long": 1e1,
+    "big_dense_long": 1e0,
+}
+ENV_GROUPS: dict[str, tuple[str, ...]] = {"gridworld": tuple(REWARD_SCALES)}
+ENV_GROUPS.update({name: (name,) for name in [*GRIDWORLDS, "catch"]})
+
+
+@struct.dataclass(kw_only=True)
+class GridState(environment.EnvState):
+    agent: jax.Array  # (2,) row, column
+    objects: jax.Array  # (K, 2) row, column of each object
+    present: jax.Array  # (K,) bool: object is on the map
+    time: jax.Array
+
+
+@struct.dataclass(kw_only=True)
+class GridParams(environment.EnvParams):
+    rewards: jax.Array  # (K,)
+    terminate_prob: jax.Array  # (K,)
+    respawn_prob: jax.Array  # (K,)
+    max_steps_in_episode: int = 50
+
+
+class Gridworld(environment.Environment[GridState, GridParams]):
+    """An LPG gridworld. The map layout (size, number of objects) is static; object properties are params."""
+
+    def __init__(self, spec: GridSpec):
+        super().__init__()
+        self.spec = spec
+        self.num_objects = len(spec.objects)
+        interior = [(r, c) for r in range(1, spec.height - 1) for c in range(1, spec.width - 1)]
+        self._interior = jnp.asarray(interior, jnp.int32)  # (num_interior, 2)
+        self._interior_mask = jnp.zeros((spec.height, spec.width), bool).at[1:-1, 1:-1].set(True)
+
+    @property
+    def default_params(self) -> GridParams:
+        objects = np.asarray(self.spec.objects, np.float32)
+        return GridParams(
+            rewards=jnp.asarray(objects[:, 0]),
+            terminate_prob=jnp.asarray(objects[:, 1]),
+            respawn_prob=jnp.asarray(objects[:, 2]),
+            max_steps_in_episode=self.spec.max_steps,
+        )
+
+    def reset_env(self, key: jax.Array, params: GridParams) -> tuple[jax.Array, GridState]:
+        # The agent and every object start on distinct random interior cells.
+        cells = jax.random.choice(key, self._interior.shape[0], (self.num_objects + 1,), replace=False)
+        positions = self._interior[cells]
+        state = GridState(
+            agent=positions[0],
+            objects=positions[1:],
+            present=jnp.ones(self.num_objects, bool),
+            time=jnp.zeros((), jnp.int32),
+        )
+        return self.get_obs(state), state
+
+    def step_env(self, key, state: GridState, action, params: GridParams):
+        key_respawn, key_cell, key_terminate = jax.random.split(key, 3)
+        # 1. Each missing object reappears with its respawn probability on a random empty cell.
+        respawn = ~state.present & (jax.random.uniform(key_respawn, (self.num_objects,)) < params.respawn_prob)
+        objects, present = state.objects, state.present
+        for k, cell_key in enumerate(jax.random.split(key_cell, self.num_objects)):  # K <= 4, unrolled
+            free = self._interior_mask.at[state.agent[0], state.agent[1]].set(False)
+            free = free.at[objects[:, 0], objects[:, 1]].min(~present)
+            flat = jax.random.choice(cell_key, free.size, p=free.ravel() / free.sum())
+            cell = jnp.stack([flat // self.spec.width, flat % self.spec.width]).astype(jnp.int32)
+            objects = objects.at[k].set(jnp.where(respawn[k], cell, objects[k]))
+            present = present.at[k].set(present[k] | respawn[k])
+        # 2. Move; a move into a wall leaves the agent in place.
+        target = state.agent + jnp.asarray(MOVES)[action]
+        agent = jnp.where(self._interior_mask[target[0], target[1]], target, state.agent)
+        # 3. Collect what lies under the agent: reward, possible termination, the object disappears.
+        collected = present & jnp.all(objects == agent, axis=-1)
+        reward = jnp.sum(jnp.where(collected, params.rewards, 0.0))
+        ends = collected & (jax.random.uniform(key_terminate, (self.num_objects,)) < params.terminate_prob)
+        state = GridState(agent=agent, objects=objects, present=present & ~collected, time=state.time + 1)
+        return self.get_obs(state), state, reward, jnp.any(ends), {}
+
+    def get_obs(self, state: GridState, params=None, key=None) -> jax.Array:
+        h, w, k = self.spec.height, self.spec.width, self.num_objects
+        planes = jnp.zeros((h, w, k + 1), jnp.float32)
+        planes = planes.at[state.objects[:, 0], state.objects[:, 1], jnp.arange(k)].max(
+            state.present.astype(jnp.float32)
+        )
+        return planes.at[state.agent[0], state.agent[1], k].set(1.0)
+
+    def is_terminated(self, state: GridState, params: GridParams) -> jax.Array:
+        return jnp.array(False)  # termination is decided stochastically inside step_env
+
+    @property
+    def name(self) -> str:
+        return "Gridworld"
+
+    @property
+    def num_actions(self) -> int:
+        return len(MOVES)
+
+    def action_space(self, params=None) -> spaces.Discrete:
+        return spaces.Discrete(len(MOVES))
+
+    def observation_space(self, params=None) -> spaces.Box:
+        return spaces.Box(0.0, 1.0, (self.spec.height, self.spec.width, self.num_objects + 1), jnp.float32)
+
+
+def make_env(name: str) -> tuple[environment.Environment, Any]:
+    """A gridworld by name, or gymnax's bsuite Catch (`catch`)."""
+    if name == "catch":
+        return gymnax.make("Catch-bsuite")
+    if name not in GRIDWORLDS:
+        raise ValueError(f"unknown environment {name!r}; choose from {', '.join([*GRIDWORLDS, 'catch'])}")
+    env = Gridworld(GRIDWORLDS[name])
+    return env, env.default_params
+
+
+def agent_kind(name: str) -> str:
+    """Which agent network a task uses (PAPER_NOTES): 'small' MLP, 'big' conv net, or 'catch' MLP."""
+    return "catch" if name == "catch" else name.split("_")[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors and checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+def run_cli(main, *args, **kwargs):
+    """Run `main`, turning a UserError into a one-line message and exit status 2."""
+    try:
+        return main(*args, **kwargs)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def save_msgpack(path: str, tree: Any) -> None:
+    """Write a pytree of arrays/dicts atomically: a temporary file in the same folder, then rename."""
+    data = serialization.msgpack_serialize(serialization.to_state_dict(jax.device_get(tree)))
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".msgpack")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_msgpack(path: str) -> dict:
+    """Read a msgpack checkpoint as a nested dict; a missing or unreadable file is a UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            tree = serialization.msgpack_restore(f.read())
+    except Exception as error:  # msgpack raises several unrelated types on corrupt input
+        raise UserError(f"cannot read checkpoint {path}: corrupt or not a msgpack file ({type(error).__name__})")
+    if not isinstance(tree, dict):
+        raise UserError(f"cannot read checkpoint {path}: not a checkpoint written by this project")
+    return tree

@@ -1,0 +1,841 @@
+"""Meta-train a learned optimizer for RL from scratch on gridworlds (Optim4RL), then evaluate it.
+
+    python train_lopt.py --env-group gridworld             # CPU-sized default run
+    python train_lopt.py --env-group gridworld --preset paper   # the paper's scale, for an accelerator
+    python train_lopt.py --env-group gridworld --eval-only --lopt-path runs/<run>/optimizer.msgpack
+
+Reading order: gradient processing -> learned optimizers (coordinate-wise flax modules, wrapped as an
+optax GradientTransformation) -> A2C inner learner -> pipeline-trained agent population -> meta-step
+-> checkpoints -> evaluation -> main loop. The method is described in the README and PAPER_NOTES.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax import serialization, struct
+from gymnax.wrappers.purerl import LogWrapper
+from jax.flatten_util import ravel_pytree
+
+from common import (
+    ENV_GROUPS,
+    REWARD_SCALES,
+    UserError,
+    agent_kind,
+    load_msgpack,
+    make_env,
+    run_cli,
+    save_msgpack,
+)
+
+EnvGroup = Literal[tuple(ENV_GROUPS)]  # "gridworld", any single gridworld name, or "catch"
+
+
+@dataclass
+class Args:
+    env_group: EnvGroup = "gridworld"
+    """task group to meta-train on: 'gridworld' (6 tasks), one gridworld name, or 'catch'"""
+    preset: Literal["cpu", "paper"] = "cpu"
+    """'cpu': sized to finish within 30 minutes on 2 CPU cores; 'paper': 512 agents/task, 3e7 steps/task"""
+    lopt: Literal["optim4rl", "l2l", "linear"] = "optim4rl"
+    """learned optimizer: Optim4RL (two GRUs, Adam-like), L2LGD2-style RNN, or LinearOptim"""
+    grad_processing: bool = True
+    """feed the optimizer (sign g, log(|g|+eps)) instead of raw g"""
+    pipeline: bool = True
+    """stagger agent resets over the reset interval (False: reset all agents together)"""
+    num_agents: int = 32
+    """agents per task in the meta-training population"""
+    num_envs: int = 1
+    """environment streams per agent (the paper uses one)"""
+    inner_updates: int = 4
+    """K: learned-optimizer steps per meta-step, back-propagated through"""
+    rollout_steps: int = 20
+    reset_interval: int = 72
+    """meta-steps between two resets of the same agent"""
+    meta_steps: int = 300
+    meta_lr: float = 1e-3
+    meta_grad_clip: float = 1.0
+    """clip the (task-averaged) meta-gradient to this global norm"""
+    lopt_lr: float = 1e-3
+    """learning rate multiplying the learned optimizer's output"""
+    grad_clip: float = 1.0
+    """element-wise clip of agent gradients before the optimizer"""
+    hidden_size: int = 8
+    gamma: float = 0.995
+    gae_lambda: float = 0.95
+    entropy_coef: float = 0.01
+    seed: int = 0
+    out_dir: str = "runs"
+    run_name: str | None = None
+    """default: <env-group>_<lopt>_s<seed>"""
+    save_every: int = 50
+    resume: bool = False
+    """continue <out-dir>/<run-name> from its last checkpoint"""
+    log_every: int = 10
+    eval_only: bool = False
+    """skip meta-training; evaluate --lopt-path on the group"""
+    lopt_path: str | None = None
+    eval_seeds: int = 4
+    eval_steps: int = 50_000
+    """environment steps per evaluation agent"""
+    max_bad_steps: int = 10
+    """stop after this many consecutive non-finite meta-gradients"""
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {},
+    # 512 agents per task; 3e7 env steps per task = 512 agents * 5 rollouts * 20 steps * ~586 meta-steps.
+    "paper": dict(num_agents=512, meta_steps=586, reset_interval=144, eval_seeds=8, eval_steps=1_000_000),
+}
+
+# ================================================================================================
+# Gradient processing and learned optimizers
+# ================================================================================================
+
+LOG_EPS = 1e-18  # inside log(|g| + eps): zero gradients map to a large but finite negative number
+MAX_LOG_OUTPUT = 30.0  # network outputs are used as exponents; clip so exp() stays finite in float32
+
+
+def process_gradient(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sign g, log(|g| + eps)): resolves gradients spread over many orders of magnitude."""
+    g = jax.lax.stop_gradient(g)
+    return jnp.sign(g), jnp.log(jnp.abs(g) + LOG_EPS)
+
+
+def l2l_features(g: jax.Array, p: float = 10.0) -> jax.Array:
+    """Andrychowicz et al. (2016) preprocessing: (log|g|/p, sign g) if |g| >= e^-p else (-1, e^p g)."""
+    g = jax.lax.stop_gradient(g)
+    large = jnp.abs(g) >= jnp.exp(-p)
+    return jnp.stack(
+        [jnp.where(large, jnp.log(jnp.abs(g) + LOG_EPS) / p, -1.0), jnp.where(large, jnp.sign(g), jnp.exp(p) * g)], -1
+    )
+
+
+def _gru(hidden_size: int, name: str) -> nn.GRUCell:
+    # Small input weights: log|g| is O(10) in size, so default-scaled weights would saturate the gates.
+    return nn.GRUCell(hidden_size, kernel_init=nn.initializers.variance_scaling(0.01, "fan_in", "normal"), name=name)
+
+
+def _zero_dense(features: int, name: str) -> nn.Dense:
+    # Zero-initialised outputs: Optim4RL starts as sign-SGD, a sound optimizer to meta-train from.
+    return nn.Dense(features, kernel_init=nn.initializers.zeros, name=name)
+
+
+class Optim4RL(nn.Module):
+    """m = sign(g) exp(o1) from RNN1(processed g); v = exp(o2) from RNN2(processed g^2); step m / sqrt(v + eps).
+
+    Coordinate-wise: g is a flat vector of N scalars, each with its own recurrent state (rows of carry).
+    Returns the update direction; the caller scales it by -learning_rate.
+    """
+
+    hidden_size: int = 8
+    grad_processing: bool = True
+    num_rnns = 2
+
+    @nn.compact
+    def __call__(self, carry, g):
+        sign, log_abs = process_gradient(g)
+        if self.grad_processing:
+            x_m, x_v = jnp.stack([sign, log_abs], -1), 2.0 * log_abs[:, None]
+        else:
+            g = jax.lax.stop_gradient(g)
+            x_m, x_v = g[:, None], (g * g)[:, None]
+        h_m, y_m = _gru(self.hidden_size, "rnn_m")(carry[0], x_m)
+        h_v, y_v = _gru(self.hidden_size, "rnn_v")(carry[1], x_v)
+        o_m = jnp.clip(_zero_dense(1, "out_m")(y_m)[:, 0], -MAX_LOG_OUTPUT, MAX_LOG_OUTPUT)
+        o_v = jnp.clip(_zero_dense(1, "out_v")(y_v)[:, 0], -MAX_LOG_OUTPUT, MAX_LOG_OUTPUT)
+        m, v = sign * jnp.exp(o_m), jnp.exp(o_v)
+        return (h_m, h_v), m / jnp.sqrt(v + 1e-8)
+
+
+class L2L(nn.Module):
+    """L2LGD2-style baseline: an RNN over preprocessed g that outputs the update directly."""
+
+    hidden_size: int = 8
+    grad_processing: bool = True
+    num_rnns = 1
+
+    @nn.compact
+    def __call__(self, carry, g):
+        x = l2l_features(g) if self.grad_processing else jax.lax.stop_gradient(g)[:, None]
+        h, y = _gru(self.hidden_size, "rnn")(carry[0], x)
+        return (h,), _zero_dense(1, "out")(y)[:, 0]
+
+
+class LinearOptim(nn.Module):
+    """LinearOptim baseline: RNN with three outputs, update exp(o1) g + exp(o2) o3."""
+
+    hidden_size: int = 8
+    grad_processing: bool = True
+    num_rnns = 1
+
+    @nn.compact
+    def __call__(self, carry, g):
+        sign, log_abs = process_gradient(g)
+        g = jax.lax.stop_gradient(g)
+        x = jnp.stack([sign, log_abs], -1) if self.grad_processing else g[:, None]
+        h, y = _gru(self.hidden_size, "rnn")(carry[0], x)
+        o = _zero_dense(3, "out")(y)
+        scale = jnp.exp(jnp.clip(o[:, :2], -MAX_LOG_OUTPUT, MAX_LOG_OUTPUT))
+        return (h,), scale[:, 0] * g + scale[:, 1] * o[:, 2]
+
+
+LOPTS = {"optim4rl": Optim4RL, "l2l": L2L, "linear": LinearOptim}
+
+
+def make_lopt_net(config: dict) -> nn.Module:
+    return LOPTS[config["lopt"]](hidden_size=config["hidden_size"], grad_processing=config["grad_processing"])
+
+
+def initial_carry(net: nn.Module, num_coordinates: int) -> tuple[jax.Array, ...]:
+    return tuple(jnp.zeros((num_coordinates, net.hidden_size)) for _ in range(net.num_rnns))
+
+
+def init_lopt_params(net: nn.Module, key: jax.Array):
+    return net.init(key, initial_carry(net, 1), jnp.zeros(1))
+
+
+class LearnedOptState(NamedTuple):
+    carry: tuple[jax.Array, ...]  # per-coordinate recurrent state, each (num_coordinates, hidden_size)
+
+
+def learned_optimizer(net: nn.Module, lopt_params, learning_rate: float) -> optax.GradientTransformation:
+    """A learned optimizer as an optax transformation; all parameter leaves are one flat coordinate batch."""
+
+    def init(params):
+        return LearnedOptState(initial_carry(net, ravel_pytree(params)[0].size))
+
+    def update(grads, state, params=None):
+        del params
+        flat, unravel = ravel_pytree(grads)
+        carry, direction = net.apply(lopt_params, state.carry, flat)
+        return unravel(-learning_rate * direction), LearnedOptState(carry)
+
+    return optax.GradientTransformation(init, update)
+
+
+def with_grad_clip(tx: optax.GradientTransformation, grad_clip: float | None) -> optax.GradientTransformation:
+    return optax.chain(optax.clip(grad_clip), tx) if grad_clip else tx
+
+
+def read_optimizer_checkpoint(path: str) -> dict:
+    """Checkpoint dict with 'config', 'params', 'init_params'; a missing, corrupt or foreign file is a UserError."""
+    tree = load_msgpack(path)
+    config = tree.get("config")
+    if not isinstance(config, dict) or config.get("lopt") not in LOPTS or "params" not in tree:
+        raise UserError(f"{path} is not a learned-optimizer checkpoint of this project")
+    config = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in config.items()}
+    template = init_lopt_params(make_lopt_net(config), jax.random.PRNGKey(0))
+    try:
+        restore = lambda params: serialization.from_state_dict(template, params)  # noqa: E731
+        params = restore(tree["params"])
+        init_params = restore(tree.get("init_params", tree["params"]))
+        shapes_match = jax.tree.map(lambda a, b: np.shape(a) == np.shape(b), template, params)
+        if not all(jax.tree.leaves(shapes_match)):
+            raise ValueError("shape mismatch")
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path} does not match the network it describes ({error})")
+    return {"config": config, "params": params, "init_params": init_params, "meta_step": int(tree.get("meta_step", 0))}
+
+
+def load_optimizer(path: str, learning_rate: float | None = None, grad_clip: float | None = -1.0):
+    """Load a trained learned optimizer as an `optax.GradientTransformation`.
+
+    The recurrent state lives in the optax state, so it works under `jax.jit` and inside `optax.chain`.
+    By default it uses the learning rate and element-wise gradient clip it was meta-trained with;
+    pass `grad_clip=None` to drop the clip.
+    """
+    ckpt = read_optimizer_checkpoint(path)
+    config = ckpt["config"]
+    lr = config["lopt_lr"] if learning_rate is None else learning_rate
+    clip = config["grad_clip"] if grad_clip == -1.0 else grad_clip
+    return with_grad_clip(learned_optimizer(make_lopt_net(config), ckpt["params"], lr), clip)
+
+
+# ================================================================================================
+# A2C inner learner
+# ================================================================================================
+
+
+class ActorCritic(nn.Module):
+    """PAPER_NOTES agents. small: MLP(32); big: Conv(16, 2x2) on (H, W, C) planes then MLP(32); catch: MLP(256)."""
+
+    kind: str
+    num_actions: int
+
+    @nn.compact
+    def __call__(self, obs):  # obs: (batch, *observation_shape)
+        x = obs.astype(jnp.float32)
+        if self.kind == "big":
+            x = nn.relu(nn.Conv(16, (2, 2))(x))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(256 if self.kind == "catch" else 32)(x))
+        return nn.Dense(self.num_actions)(x), nn.Dense(1)(x)[:, 0]
+
+
+class Transition(NamedTuple):
+    obs: jax.Array
+    action: jax.Array
+    reward: jax.Array  # scaled, for learning
+    done: jax.Array
+    episode_return: jax.Array  # unscaled return of the episode that ended here (valid where done)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One environment with everything the A2C agent needs to act and learn on it."""
+
+    name: str
+    env: Any
+    env_params: Any
+    net: ActorCritic
+    reward_scale: float
+    num_envs: int
+    rollout_steps: int
+    gamma: float
+    gae_lambda: float
+    entropy_coef: float
+
+    @staticmethod
+    def make(name: str, args: Args) -> "Task":
+        env, env_params = make_env(name)
+        return Task(
+            name,
+            LogWrapper(env),
+            env_params,
+            ActorCritic(agent_kind(name), env.num_actions),
+            REWARD_SCALES.get(name, 1.0),
+            args.num_envs,
+            args.rollout_steps,
+            args.gamma,
+            args.gae_lambda,
+            args.entropy_coef,
+        )
+
+    def reset(self, key):
+        return jax.vmap(self.env.reset, in_axes=(0, None))(jax.random.split(key, self.num_envs), self.env_params)
+
+    def init_params(self, key):
+        obs_shape = self.env.observation_space(self.env_params).shape
+        return self.net.init(key, jnp.zeros((1, *obs_shape)))
+
+    def rollout(self, params, env_state, obs, key, random_policy: bool = False):
+        """rollout_steps steps in each of num_envs environments: (trajectory [T, E, ...], env_state, obs)."""
+
+        def step(carry, step_key):
+            env_state, obs = carry
+            key_action, key_env = jax.random.split(step_key)
+            logits, _ = self.net.apply(params, obs)
+            if random_policy:
+                logits = jnp.zeros_like(logits)
+            action = jax.random.categorical(key_action, logits)
+            env_keys = jax.random.split(key_env, self.num_envs)
+            next_obs, env_state, reward, terminated, truncated, info = jax.vmap(
+                self.env.step, in_axes=(0, 0, 0, None)
+            )(env_keys, env_state, action, self.env_params)
+            done = terminated | truncated
+            # Episodes that end by the time limit are treated as terminal: the agent does not see time.
+            transition = Transition(obs, action, reward * self.reward_scale, done, info["returned_episode_returns"])
+            return (env_state, next_obs), transition
+
+        (env_state, obs), traj = jax.lax.scan(step, (env_state, obs), jax.random.split(key, self.rollout_steps))
+        return traj, env_state, obs
+
+    def loss(self, params, traj: Transition, last_obs):
+        """A2C: policy gradient + 0.5 * mean squared TD(lambda) error - entropy_coef * entropy."""
+        steps, envs = traj.action.shape
+        all_obs = jnp.concatenate([traj.obs, last_obs[None]]).reshape(-1, *last_obs.shape[1:])
+        logits, values = self.net.apply(params, all_obs)
+        logits = logits.reshape(steps + 1, envs, -1)[:-1]
+        values = values.reshape(steps + 1, envs)
+        targets = lambda_returns(traj.reward, traj.done, jax.lax.stop_gradient(values), self.gamma, self.gae_lambda)
+        advantages = targets - jax.lax.stop_gradient(values[:-1])
+        log_probs = jax.nn.log_softmax(logits)
+        action_log_prob = jnp.take_along_axis(log_probs, traj.action[..., None], -1)[..., 0]
+        policy_loss = -jnp.mean(action_log_prob * advantages)
+        value_loss = jnp.mean(jnp.square(targets - values[:-1]))
+        entropy = -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, -1))
+        return policy_loss + 0.5 * value_loss - self.entropy_coef * entropy
+
+
+def lambda_returns(rewards, dones, values, gamma, lam):
+    """TD(lambda) targets G_t = r_t + gamma (1 - d_t) ((1 - lam) V_{t+1} + lam G_{t+1}), G_T = V_T."""
+
+    def backward(next_return, step):
+        reward, done, next_value = step
+        g = reward + gamma * (1.0 - done) * ((1.0 - lam) * next_value + lam * next_return)
+        return g, g
+
+    _, targets = jax.lax.scan(backward, values[-1], (rewards, dones.astype(jnp.float32), values[1:]), reverse=True)
+    return targets
+
+
+class Agent(struct.PyTreeNode):
+    params: Any
+    opt_state: Any
+    env_state: Any
+    obs: jax.Array
+    key: jax.Array
+
+
+def init_agent(task: Task, tx: optax.GradientTransformation, key) -> Agent:
+    key_params, key_env, key_agent = jax.random.split(key, 3)
+    params = task.init_params(key_params)
+    obs, env_state = task.reset(key_env)
+    return Agent(params, tx.init(params), env_state, obs, key_agent)
+
+
+def returns_summary(traj: Transition) -> tuple[jax.Array, jax.Array]:
+    """(sum, count) of the unscaled returns of episodes that ended in a trajectory."""
+    return jnp.sum(jnp.where(traj.done, traj.episode_return, 0.0)), jnp.sum(traj.done)
+
+
+def a2c_step(task: Task, tx: optax.GradientTransformation, agent: Agent, stop_meta_gradient: bool = False):
+    """Collect a rollout, take one optimizer step. With stop_meta_gradient the rollout and the agent
+    gradient are constants to the meta-gradient: only the optimizer's update carries it."""
+    key, key_rollout = jax.random.split(agent.key)
+    acting_params = jax.lax.stop_gradient(agent.params) if stop_meta_gradient else agent.params
+    traj, env_state, obs = task.rollout(acting_params, agent.env_state, agent.obs, key_rollout)
+    grads = jax.grad(task.loss)(acting_params, traj, obs)
+    updates, opt_state = tx.update(grads, agent.opt_state, agent.params)
+    params = optax.apply_updates(agent.params, updates)
+    return Agent(params, opt_state, env_state, obs, key), returns_summary(traj)
+
+
+# ================================================================================================
+# Pipeline training: a population of agents at staggered stages of training
+# ================================================================================================
+
+
+def reset_offsets(num_agents: int, reset_interval: int, pipeline: bool) -> np.ndarray:
+    """Agent i is reset when t mod reset_interval == offset_i. Pipeline: offsets spread over [0, m)."""
+    if not pipeline:
+        return np.zeros(num_agents, np.int32)
+    return np.round(np.linspace(0, reset_interval - 1, num_agents)).astype(np.int32)
+
+
+def reset_mask(meta_step, offsets, reset_interval: int):
+    return (meta_step % reset_interval) == offsets
+
+
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def lopt_config(args: Args) -> dict:
+    """What load_optimizer needs to rebuild and apply the network (stored in every checkpoint)."""
+    return dict(
+        lopt=args.lopt,
+        hidden_size=args.hidden_size,
+        grad_processing=args.grad_processing,
+        lopt_lr=args.lopt_lr,
+        grad_clip=args.grad_clip,
+    )
+
+
+class MetaState(struct.PyTreeNode):
+    meta_step: jax.Array
+    lopt_params: Any
+    meta_opt_state: Any
+    populations: tuple  # one Agent population (leading axis = agents) per task
+    key: jax.Array
+
+
+def make_meta_train(args: Args, task_names: tuple[str, ...]):
+    """Returns (init(key) -> MetaState, meta_step(MetaState) -> (MetaState, metrics), net, tasks).
+
+    meta_step is one jitted function over all tasks: per task, the population is vmapped; tasks have
+    different observation and network shapes, so they are separate branches of the same program.
+    """
+    tasks = tuple(Task.make(name, args) for name in task_names)
+    net = make_lopt_net(lopt_config(args))
+    offsets = jnp.asarray(reset_offsets(args.num_agents, args.reset_interval, args.pipeline))
+    meta_tx = optax.apply_if_finite(
+        optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_lr)),
+        max_consecutive_errors=2**30,  # we stop the run ourselves after --max-bad-steps
+    )
+
+    def inner_tx(lopt_params):
+        return with_grad_clip(learned_optimizer(net, lopt_params, args.lopt_lr), args.grad_clip)
+
+    def init(key) -> MetaState:
+        key_lopt, key_pop, key = jax.random.split(key, 3)
+        lopt_params = init_lopt_params(net, key_lopt)
+        tx = inner_tx(lopt_params)
+        pop_keys = jax.random.split(key_pop, len(tasks))
+        populations = tuple(
+            jax.vmap(partial(init_agent, task, tx))(jax.random.split(k, args.num_agents))
+            for task, k in zip(tasks, pop_keys)
+        )
+        return MetaState(jnp.zeros((), jnp.int32), lopt_params, meta_tx.init(lopt_params), populations, key)
+
+    def agent_meta_loss(lopt_params, task: Task, agent: Agent, reset_key, reset_now):
+        tx = inner_tx(lopt_params)
+        # Reset on schedule, or if the agent diverged (non-finite parameters).
+        fresh = init_agent(task, tx, reset_key)
+        reset_now = reset_now | ~all_finite(agent.params)
+        agent = jax.tree.map(lambda a, b: jnp.where(reset_now, a, b), fresh, agent)
+
+        def inner(agent, _):
+            return a2c_step(task, tx, agent, stop_meta_gradient=True)
+
+        agent, (return_sum, return_count) = jax.lax.scan(inner, agent, length=args.inner_updates)
+        # Meta-loss: the A2C loss of the updated agent on the next rollout.
+        key, key_rollout = jax.random.split(agent.key)
+        traj, env_state, obs = task.rollout(jax.lax.stop_gradient(agent.params), agent.env_state, agent.obs, key_rollout)
+        meta_loss = task.loss(agent.params, traj, obs)
+        last_sum, last_count = returns_summary(traj)
+        new_agent = jax.lax.stop_gradient(Agent(agent.params, agent.opt_state, env_state, obs, key))
+        return meta_loss, (new_agent, return_sum.sum() + last_sum, return_count.sum() + last_count)
+
+    def population_meta_loss(lopt_params, task, population, key, meta_step):
+        reset_now = reset_mask(meta_step, offsets, args.reset_interval)
+        keys = jax.random.split(key, args.num_agents)
+        losses, aux = jax.vmap(agent_meta_loss, in_axes=(None, None, 0, 0, 0))(
+            lopt_params, task, population, keys, reset_now
+        )
+        return jnp.mean(losses), aux
+
+    def meta_step(state: MetaState):
+        key, *task_keys = jax.random.split(state.key, len(tasks) + 1)
+        grads, populations, metrics = [], [], []
+        for task, population, task_key in zip(tasks, state.populations, task_keys):
+            (loss, (population, return_sum, return_count)), grad = jax.value_and_grad(
+                population_meta_loss, has_aux=True
+            )(state.lopt_params, task, population, task_key, state.meta_step)
+            # Reward scales differ by up to 1e3 between tasks, so raw meta-gradients differ by up to 1e6:
+            # give each task's meta-gradient unit norm so that every task counts.
+            grads.append(jax.tree.map(lambda g: g / (optax.global_norm(grad) + 1e-12), grad))
+            populations.append(population)
+            metrics.append(dict(meta_loss=loss, return_sum=return_sum.sum(), return_count=return_count.sum()))
+        grad = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
+        updates, meta_opt_state = meta_tx.update(grad, state.meta_opt_state, state.lopt_params)
+        lopt_params = optax.apply_updates(state.lopt_params, updates)
+        new_state = MetaState(state.meta_step + 1, lopt_params, meta_opt_state, tuple(populations), key)
+        return new_state, dict(tasks=metrics, grad_finite=all_finite(grad))
+
+    return init, jax.jit(meta_step, donate_argnums=0), net, tasks
+
+
+def env_steps_per_meta_step(args: Args) -> int:
+    """Per task: every agent collects K + 1 rollouts (K inner updates and the meta-loss rollout)."""
+    return args.num_agents * args.num_envs * (args.inner_updates + 1) * args.rollout_steps
+
+
+# ================================================================================================
+# Checkpoints
+# ================================================================================================
+
+
+def run_dir(args: Args) -> str:
+    return os.path.join(args.out_dir, args.run_name or f"{args.env_group}_{args.lopt}_s{args.seed}")
+
+
+def resume_settings(args: Args) -> dict:
+    """Settings that must not change when a run is resumed (meta_steps may grow)."""
+    skip = {"resume", "meta_steps", "save_every", "log_every", "eval_only", "lopt_path", "eval_seeds", "eval_steps",
+            "max_bad_steps", "out_dir", "run_name"}
+    return {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
+
+
+def save_checkpoint(folder: str, args: Args, state: MetaState, init_params, bad_steps: int) -> None:
+    """Two atomic files: optimizer.msgpack (what users load) and train_state.msgpack (what --resume needs)."""
+    save_msgpack(
+        os.path.join(folder, "train_state.msgpack"),
+        {"settings": json.dumps(resume_settings(args)), "state": state, "bad_steps": bad_steps},
+    )
+    save_msgpack(
+        os.path.join(folder, "optimizer.msgpack"),
+        {
+            "config": lopt_config(args),
+            "params": state.lopt_params,
+            "init_params": init_params,
+            "meta_step": state.meta_step,
+            "command": "python train_lopt.py " + " ".join(sys.argv[1:]),
+            "settings": json.dumps(dataclasses.asdict(args)),
+        },
+    )
+
+
+def load_train_state(folder: str, args: Args, template: MetaState) -> tuple[MetaState, int]:
+    path = os.path.join(folder, "train_state.msgpack")
+    tree = load_msgpack(path)
+    saved = json.loads(tree.get("settings", "{}"))
+    changed = sorted(k for k, v in resume_settings(args).items() if saved.get(k) != v)
+    if changed:
+        raise UserError(f"cannot resume {path}: settings differ from the saved run ({', '.join(changed)})")
+    try:
+        state = serialization.from_state_dict(template, tree["state"])
+    except (ValueError, KeyError) as error:
+        raise UserError(f"cannot resume {path}: state does not match ({error})")
+    state = jax.tree.map(jnp.asarray, state)
+    return state, int(tree.get("bad_steps", 0))
+
+
+# ================================================================================================
+# Evaluation: fresh agents trained with the learned optimizer vs baselines
+# ================================================================================================
+
+EVAL_NAMES = ("lopt", "lopt_init", "adam", "rmsprop", "random")
+BASELINE_LRS = {"adam": 3e-3, "rmsprop": 1e-3}
+FINAL_FRACTION = 0.1  # "final return": mean return of the episodes that end in the last 10% of training
+
+
+def make_a2c_train(task: Task, make_tx, num_updates: int, random_policy: bool = False):
+    """train(key, tx_params) -> per-update (return_sum, return_count); make_tx(tx_params) builds the optimizer."""
+
+    def train(key, tx_params):
+        tx = make_tx(tx_params)
+        agent = init_agent(task, tx, key)
+
+        def update(agent, _):
+            if random_policy:
+                key, key_rollout = jax.random.split(agent.key)
+                traj, env_state, obs = task.rollout(agent.params, agent.env_state, agent.obs, key_rollout, True)
+                return agent.replace(env_state=env_state, obs=obs, key=key), returns_summary(traj)
+            return a2c_step(task, tx, agent)
+
+        _, returns = jax.lax.scan(update, agent, length=num_updates)
+        return returns
+
+    return train
+
+
+def final_return(return_sum, return_count) -> float:
+    """Mean over seeds of the mean return of episodes ending in the last FINAL_FRACTION of updates."""
+    tail = max(1, int(round(return_sum.shape[-1] * FINAL_FRACTION)))
+    s, c = np.asarray(return_sum)[..., -tail:].sum(-1), np.asarray(return_count)[..., -tail:].sum(-1)
+    return float(np.mean(np.where(c > 0, s / np.maximum(c, 1), np.nan)))
+
+
+def evaluate(args: Args, task_names, config: dict, lopt_params, init_params, log=print) -> dict:
+    """Train args.eval_seeds fresh agents per task and optimizer; return {task: {name: final return}}."""
+    eval_args = dataclasses.replace(args, num_envs=1)
+    num_updates = max(1, args.eval_steps // (args.rollout_steps * eval_args.num_envs))
+    net = make_lopt_net(config)
+    lopt_tx = lambda p: with_grad_clip(learned_optimizer(net, p, config["lopt_lr"]), config["grad_clip"])  # noqa: E731
+    baselines = {
+        "adam": lambda _: with_grad_clip(optax.adam(BASELINE_LRS["adam"]), args.grad_clip),
+        "rmsprop": lambda _: with_grad_clip(optax.rmsprop(BASELINE_LRS["rmsprop"]), args.grad_clip),
+    }
+    results = {}
+    for task_index, name in enumerate(task_names):
+        task = Task.make(name, eval_args)
+        keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed + 1000), task_index), args.eval_seeds)
+        run = lambda make_tx, params, random_policy=False: final_return(  # noqa: E731
+            *jax.jit(jax.vmap(make_a2c_train(task, make_tx, num_updates, random_policy), (0, None)))(keys, params)
+        )
+        start = time.time()
+        lopt_train = jax.jit(jax.vmap(make_a2c_train(task, lopt_tx, num_updates), (0, None)))
+        results[name] = {
+            "lopt": final_return(*lopt_train(keys, lopt_params)),
+            "lopt_init": final_return(*lopt_train(keys, init_params)),
+            **{b: run(make_tx, None) for b, make_tx in baselines.items()},
+            "random": run(baselines["adam"], None, True),
+        }
+        log(f"  eval {name}: {time.time() - start:.0f}s " + " ".join(f"{k}={v:.2f}" for k, v in results[name].items()))
+    return results
+
+
+def normalized(r: dict, name: str) -> float:
+    """(R - R_random) / (R_adam - R_random)."""
+    return (r[name] - r["random"]) / (r["adam"] - r["random"] + 1e-8)
+
+
+def format_eval_table(results: dict) -> str:
+    header = f"{'task':<20}" + "".join(f"{n:>10}" for n in EVAL_NAMES) + f"{'norm lopt':>11}{'norm init':>11}"
+    lines = [header]
+    for task, r in results.items():
+        lines.append(
+            f"{task:<20}" + "".join(f"{r[n]:>10.2f}" for n in EVAL_NAMES)
+            + f"{normalized(r, 'lopt'):>11.2f}{normalized(r, 'lopt_init'):>11.2f}"
+        )
+    mean_lopt = np.mean([normalized(r, "lopt") for r in results.values()])
+    mean_init = np.mean([normalized(r, "lopt_init") for r in results.values()])
+    wins = sum(r["lopt"] > r["lopt_init"] for r in results.values())
+    lines.append(f"mean normalised return: lopt {mean_lopt:.2f}, lopt_init {mean_init:.2f}; "
+                 f"lopt beats lopt_init on {wins}/{len(results)} tasks")
+    return "\n".join(lines)
+
+
+def write_eval(folder: str, args: Args, results: dict, lopt_path: str) -> None:
+    report = {
+        "envs": results,
+        "normalized": {t: {n: normalized(r, n) for n in ("lopt", "lopt_init", "rmsprop")} for t, r in results.items()},
+        "eval_seeds": args.eval_seeds,
+        "eval_steps": args.eval_steps,
+        "lopt_path": lopt_path,
+    }
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "eval.json"), "w") as f:
+        json.dump(report, f, indent=2)
+
+
+# ================================================================================================
+# Logging
+# ================================================================================================
+
+
+def plot_metrics(csv_path: str, png_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    steps = np.array([int(r["meta_step"]) for r in rows])
+    tasks = [k[len("return/"):] for k in rows[0] if k.startswith("return/")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for t in tasks:
+        axes[0].plot(steps, [float(r[f"return/{t}"]) for r in rows], label=t)
+        axes[1].plot(steps, [float(r[f"meta_loss/{t}"]) for r in rows], label=t)
+    axes[0].set(xlabel="meta-step", ylabel="mean episode return (population)", title="agents during meta-training")
+    axes[1].set(xlabel="meta-step", ylabel="meta-loss", title="meta-loss per task", yscale="symlog")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+
+
+def format_duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f}m" if seconds >= 60 else f"{seconds:.0f}s"
+
+
+# ================================================================================================
+# Main
+# ================================================================================================
+
+
+def meta_train(args: Args, task_names, folder: str) -> tuple[Any, Any]:
+    init, meta_step, _, _ = make_meta_train(args, task_names)
+    state = init(jax.random.PRNGKey(args.seed))
+    init_params = jax.device_get(state.lopt_params)  # a host copy: meta_step donates the state's buffers
+    bad_steps_total = 0
+    metrics_path = os.path.join(folder, "metrics.csv")
+    if args.resume:
+        state, bad_steps_total = load_train_state(folder, args, state)
+        start = int(state.meta_step)
+        if os.path.exists(metrics_path):  # drop rows logged after the checkpoint
+            with open(metrics_path) as f:
+                rows = list(csv.DictReader(f))
+            with open(metrics_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["meta_step"])
+                writer.writeheader()
+                writer.writerows(r for r in rows if int(r["meta_step"]) <= start)
+        init_params = read_optimizer_checkpoint(os.path.join(folder, "optimizer.msgpack"))["init_params"]
+        print(f"resumed {folder} at meta-step {start}")
+    elif os.path.exists(os.path.join(folder, "train_state.msgpack")):
+        raise UserError(f"{folder} already holds a run; pass --resume to continue it or choose another --run-name")
+    else:
+        os.makedirs(folder, exist_ok=True)
+        with open(metrics_path, "w") as f:
+            f.write("")
+        with open(os.path.join(folder, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+
+    steps_per_meta_step = env_steps_per_meta_step(args) * len(task_names)
+    consecutive_bad = 0
+    print(f"meta-training {args.lopt} on {', '.join(task_names)}: {args.num_agents} agents/task, "
+          f"{args.meta_steps} meta-steps, {steps_per_meta_step} env steps per meta-step")
+    compile_start = time.time()
+    timer_start, timer_step = None, None
+    for step in range(int(state.meta_step), args.meta_steps):
+        state, metrics = meta_step(state)
+        metrics = jax.device_get(metrics)
+        if timer_start is None:  # the first step includes compilation
+            print(f"compiled and ran the first meta-step in {time.time() - compile_start:.0f}s")
+            timer_start, timer_step = time.time(), step + 1
+        consecutive_bad = 0 if metrics["grad_finite"] else consecutive_bad + 1
+        bad_steps_total += int(not metrics["grad_finite"])
+        if consecutive_bad >= args.max_bad_steps:
+            raise UserError(
+                f"{consecutive_bad} consecutive non-finite meta-gradients at meta-step {step + 1}; stopped. "
+                f"The last good checkpoint in {folder} is intact (try a lower --meta-lr)."
+            )
+        done = step + 1
+        if done % args.log_every == 0 or done == args.meta_steps:
+            returns = {
+                t: float(m["return_sum"] / max(m["return_count"], 1)) for t, m in zip(task_names, metrics["tasks"])
+            }
+            row = {"meta_step": done, "env_steps": done * steps_per_meta_step, "time": time.time(),
+                   "bad_steps": bad_steps_total}
+            row.update({f"return/{t}": r for t, r in returns.items()})
+            row.update({f"meta_loss/{t}": float(m["meta_loss"]) for t, m in zip(task_names, metrics["tasks"])})
+            new_file = os.path.getsize(metrics_path) == 0
+            with open(metrics_path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                if new_file:
+                    writer.writeheader()
+                writer.writerow(row)
+            elapsed = time.time() - timer_start
+            rate = (done - timer_step) / elapsed if elapsed > 0 and done > timer_step else float("nan")
+            eta = (args.meta_steps - done) / rate if rate == rate and rate > 0 else float("nan")
+            mean_loss = np.mean([float(m["meta_loss"]) for m in metrics["tasks"]])
+            print(
+                f"meta-step {done}/{args.meta_steps} | {rate * steps_per_meta_step:,.0f} env steps/s | "
+                f"meta-loss {mean_loss:.3g} | return " + " ".join(f"{t}={r:.2f}" for t, r in returns.items())
+                + f" | bad {bad_steps_total} | ETA {format_duration(eta) if eta == eta else '?'}",
+                flush=True,
+            )
+        if done % args.save_every == 0 or done == args.meta_steps:
+            save_checkpoint(folder, args, state, init_params, bad_steps_total)
+    if os.path.getsize(metrics_path) > 0:
+        plot_metrics(metrics_path, os.path.join(folder, "meta_training.png"))
+    return state.lopt_params, init_params
+
+
+def main(args: Args) -> None:
+    task_names = ENV_GROUPS[args.env_group]
+    folder = run_dir(args)
+    if args.eval_only:
+        if not args.lopt_path:
+            raise UserError("--eval-only needs --lopt-path <optimizer.msgpack>")
+        ckpt = read_optimizer_checkpoint(args.lopt_path)
+        config, lopt_params, init_params = ckpt["config"], ckpt["params"], ckpt["init_params"]
+        lopt_path = args.lopt_path
+        folder = os.path.join(args.out_dir, args.run_name or f"eval_{args.env_group}")
+    else:
+        start = time.time()
+        lopt_params, init_params = meta_train(args, task_names, folder)
+        config, lopt_path = lopt_config(args), os.path.join(folder, "optimizer.msgpack")
+        print(f"meta-training took {format_duration(time.time() - start)}; optimizer saved to {lopt_path}")
+    print(f"evaluating on {len(task_names)} task(s): {args.eval_seeds} seeds x {args.eval_steps} env steps each")
+    start = time.time()
+    results = evaluate(args, task_names, config, lopt_params, init_params)
+    write_eval(folder, args, results, lopt_path)
+    print(format_eval_table(results))
+    print(f"evaluation took {format_duration(time.time() - start)}; wrote {os.path.join(folder, 'eval.json')}")
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """Presets set defaults; flags given on the command line override them."""
+    argv = sys.argv[1:] if argv is None else argv
+    preset = "cpu"
+    for i, a in enumerate(argv):
+        if a == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+        elif a.startswith("--preset="):
+            preset = a.split("=", 1)[1]
+    defaults = Args(**PRESETS.get(preset, {}))  # an unknown preset is reported by tyro below
+    return tyro.cli(Args, args=argv, default=defaults, description=__doc__.split("\n")[0])
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args()))
