@@ -222,7 +222,9 @@ def learned_optimizer(net: nn.Module, lopt_params, learning_rate: float) -> opta
     def update(grads, state, params=None):
         del params
         flat, unravel = ravel_pytree(grads)
-        carry, direction = net.apply(lopt_params, state.carry, flat)
+        # Rematerialised: the meta-gradient's backward pass keeps only the inputs of each step, not the
+        # GRU gate activations of every coordinate (several times the memory of the parameters).
+        carry, direction = jax.checkpoint(net.apply)(lopt_params, state.carry, flat)
         return unravel(-learning_rate * direction), LearnedOptState(carry)
 
     return optax.GradientTransformation(init, update)
@@ -455,8 +457,16 @@ class MetaState(struct.PyTreeNode):
     key: jax.Array
 
 
-def make_meta_train(args: Args, task_names: tuple[str, ...]):
-    """Returns (init(key) -> MetaState, meta_step(MetaState) -> (MetaState, metrics), net, tasks).
+class MetaTrain(NamedTuple):
+    init: Any  # key -> MetaState
+    meta_step: Any  # jitted: MetaState -> (MetaState, metrics); donates its argument
+    population_meta_loss: Any  # (lopt_params, task, population, key, meta_step) -> (loss, aux)
+    net: nn.Module
+    tasks: tuple
+
+
+def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
+    """Build the meta-training functions for a group of tasks.
 
     meta_step is one jitted function over all tasks: per task, the population is vmapped; tasks have
     different observation and network shapes, so they are separate branches of the same program.
@@ -528,7 +538,7 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]):
         new_state = MetaState(state.meta_step + 1, lopt_params, meta_opt_state, tuple(populations), key)
         return new_state, dict(tasks=metrics, grad_finite=all_finite(grad))
 
-    return init, jax.jit(meta_step, donate_argnums=0), net, tasks
+    return MetaTrain(init, jax.jit(meta_step, donate_argnums=0), population_meta_loss, net, tasks)
 
 
 def env_steps_per_meta_step(args: Args) -> int:
@@ -624,8 +634,7 @@ def final_return(return_sum, return_count) -> float:
 
 def evaluate(args: Args, task_names, config: dict, lopt_params, init_params, log=print) -> dict:
     """Train args.eval_seeds fresh agents per task and optimizer; return {task: {name: final return}}."""
-    eval_args = dataclasses.replace(args, num_envs=1)
-    num_updates = max(1, args.eval_steps // (args.rollout_steps * eval_args.num_envs))
+    num_updates = max(1, args.eval_steps // (args.rollout_steps * args.num_envs))
     net = make_lopt_net(config)
     lopt_tx = lambda p: with_grad_clip(learned_optimizer(net, p, config["lopt_lr"]), config["grad_clip"])  # noqa: E731
     baselines = {
@@ -634,7 +643,7 @@ def evaluate(args: Args, task_names, config: dict, lopt_params, init_params, log
     }
     results = {}
     for task_index, name in enumerate(task_names):
-        task = Task.make(name, eval_args)
+        task = Task.make(name, args)
         keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed + 1000), task_index), args.eval_seeds)
         run = lambda make_tx, params, random_policy=False: final_return(  # noqa: E731
             *jax.jit(jax.vmap(make_a2c_train(task, make_tx, num_updates, random_policy), (0, None)))(keys, params)
@@ -724,7 +733,7 @@ def format_duration(seconds: float) -> str:
 
 
 def meta_train(args: Args, task_names, folder: str) -> tuple[Any, Any]:
-    init, meta_step, _, _ = make_meta_train(args, task_names)
+    init, meta_step, *_ = make_meta_train(args, task_names)
     state = init(jax.random.PRNGKey(args.seed))
     init_params = jax.device_get(state.lopt_params)  # a host copy: meta_step donates the state's buffers
     bad_steps_total = 0
