@@ -103,11 +103,14 @@ class Gridworld(environment.Environment[GridState, GridParams]):
 
     def reset_env(self, key: jax.Array, params: GridParams) -> tuple[jax.Array, GridState]:
         # The agent and every object start on distinct random interior cells.
-        cells = jax.random.choice(key, self._interior.shape[0], (self.num_objects + 1,), replace=False)
-        positions = self._interior[cells]
+        free = self._interior_mask
+        positions = []
+        for cell_key in jax.random.split(key, self.num_objects + 1):  # <= 5 draws, unrolled
+            positions.append(self._sample_cell(cell_key, free))
+            free = free.at[positions[-1][0], positions[-1][1]].set(False)
         state = GridState(
             agent=positions[0],
-            objects=positions[1:],
+            objects=jnp.stack(positions[1:]),
             present=jnp.ones(self.num_objects, bool),
             time=jnp.zeros((), jnp.int32),
         )
@@ -121,8 +124,7 @@ class Gridworld(environment.Environment[GridState, GridParams]):
         for k, cell_key in enumerate(jax.random.split(key_cell, self.num_objects)):  # K <= 4, unrolled
             free = self._interior_mask.at[state.agent[0], state.agent[1]].set(False)
             free = free.at[objects[:, 0], objects[:, 1]].min(~present)
-            flat = jax.random.choice(cell_key, free.size, p=free.ravel() / free.sum())
-            cell = jnp.stack([flat // self.spec.width, flat % self.spec.width]).astype(jnp.int32)
+            cell = self._sample_cell(cell_key, free)
             objects = objects.at[k].set(jnp.where(respawn[k], cell, objects[k]))
             present = present.at[k].set(present[k] | respawn[k])
         # 2. Move; a move into a wall leaves the agent in place.
@@ -134,6 +136,17 @@ class Gridworld(environment.Environment[GridState, GridParams]):
         ends = collected & (jax.random.uniform(key_terminate, (self.num_objects,)) < params.terminate_prob)
         state = GridState(agent=agent, objects=objects, present=present & ~collected, time=state.time + 1)
         return self.get_obs(state), state, reward, jnp.any(ends), {}
+
+    def _sample_cell(self, key, free: jax.Array) -> jax.Array:
+        """A uniformly random cell among the True entries of `free` (H, W), as (row, column).
+
+        One uniform number per draw (random bits dominate the cost of stepping on CPU): pick the
+        k-th free cell, k uniform in [0, number of free cells).
+        """
+        counts = jnp.cumsum(free.ravel())
+        k = jnp.floor(jax.random.uniform(key) * counts[-1])
+        flat = jnp.argmax(counts > k)
+        return jnp.stack([flat // self.spec.width, flat % self.spec.width]).astype(jnp.int32)
 
     def get_obs(self, state: GridState, params=None, key=None) -> jax.Array:
         h, w, k = self.spec.height, self.spec.width, self.num_objects

@@ -57,17 +57,17 @@ class Args:
     """feed the optimizer (sign g, log(|g|+eps)) instead of raw g"""
     pipeline: bool = True
     """stagger agent resets over the reset interval (False: reset all agents together)"""
-    num_agents: int = 32
+    num_agents: int = 8
     """agents per task in the meta-training population"""
-    num_envs: int = 1
+    num_envs: int = 4
     """environment streams per agent (the paper uses one)"""
     inner_updates: int = 4
     """K: learned-optimizer steps per meta-step, back-propagated through"""
     rollout_steps: int = 20
-    reset_interval: int = 72
+    reset_interval: int = 32
     """meta-steps between two resets of the same agent"""
-    meta_steps: int = 300
-    meta_lr: float = 1e-3
+    meta_steps: int = 100
+    meta_lr: float = 3e-3
     meta_grad_clip: float = 1.0
     """clip the (task-averaged) meta-gradient to this global norm"""
     lopt_lr: float = 1e-3
@@ -90,7 +90,7 @@ class Args:
     """skip meta-training; evaluate --lopt-path on the group"""
     lopt_path: str | None = None
     eval_seeds: int = 4
-    eval_steps: int = 50_000
+    eval_steps: int = 20_000
     """environment steps per evaluation agent"""
     max_bad_steps: int = 10
     """stop after this many consecutive non-finite meta-gradients"""
@@ -98,8 +98,9 @@ class Args:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},
-    # 512 agents per task; 3e7 env steps per task = 512 agents * 5 rollouts * 20 steps * ~586 meta-steps.
-    "paper": dict(num_agents=512, meta_steps=586, reset_interval=144, eval_seeds=8, eval_steps=1_000_000),
+    # 512 agents per task, one env each; 3e7 env steps per task = 512 agents * 5 rollouts * 20 steps * 2930 meta-steps.
+    "paper": dict(num_agents=512, num_envs=1, meta_steps=2930, reset_interval=144, meta_lr=1e-3, eval_seeds=8,
+                  eval_steps=1_000_000),
 }
 
 # ================================================================================================
