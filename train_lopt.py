@@ -98,8 +98,8 @@ class Args:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},
-    # 512 agents per task, one env each; 3e7 env steps per task = 512 agents * 5 rollouts * 20 steps * 2930 meta-steps.
-    "paper": dict(num_agents=512, num_envs=1, meta_steps=2930, reset_interval=144, meta_lr=1e-3, eval_seeds=8,
+    # 512 agents per task, one env each; 3e7 env steps per task = 512 agents * 5 rollouts * 20 steps * 586 meta-steps.
+    "paper": dict(num_agents=512, num_envs=1, meta_steps=586, reset_interval=144, meta_lr=1e-3, eval_seeds=8,
                   eval_steps=1_000_000),
 }
 
