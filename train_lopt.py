@@ -242,16 +242,16 @@ def read_optimizer_checkpoint(path: str) -> dict:
     if not isinstance(config, dict) or config.get("lopt") not in LOPTS or "params" not in tree:
         raise UserError(f"{path} is not a learned-optimizer checkpoint of this project")
     config = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in config.items()}
-    template = init_lopt_params(make_lopt_net(config), jax.random.PRNGKey(0))
     try:
+        template = init_lopt_params(make_lopt_net(config), jax.random.PRNGKey(0))
         restore = lambda params: serialization.from_state_dict(template, params)  # noqa: E731
         params = restore(tree["params"])
         init_params = restore(tree.get("init_params", tree["params"]))
         shapes_match = jax.tree.map(lambda a, b: np.shape(a) == np.shape(b), template, params)
         if not all(jax.tree.leaves(shapes_match)):
-            raise ValueError("shape mismatch")
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{path} does not match the network it describes ({error})")
+            raise ValueError("parameter shapes differ from the config's network")
+    except Exception as error:  # whatever a malformed file breaks, the user needs the file's name
+        raise UserError(f"{path} does not match the network it describes ({type(error).__name__}: {error})")
     return {"config": config, "params": params, "init_params": init_params, "meta_step": int(tree.get("meta_step", 0))}
 
 
@@ -530,7 +530,7 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
             )(state.lopt_params, task, population, task_key, state.meta_step)
             # Reward scales differ by up to 1e3 between tasks, so raw meta-gradients differ by up to 1e6:
             # give each task's meta-gradient unit norm so that every task counts.
-            grads.append(jax.tree.map(lambda g: g / (optax.global_norm(grad) + 1e-12), grad))
+            grads.append(jax.tree.map(lambda g: g / (optax.tree.norm(grad) + 1e-12), grad))
             populations.append(population)
             metrics.append(dict(meta_loss=loss, return_sum=return_sum.sum(), return_count=return_count.sum()))
         grad = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
@@ -683,9 +683,14 @@ def format_eval_table(results: dict) -> str:
 
 
 def write_eval(folder: str, args: Args, results: dict, lopt_path: str) -> None:
+    # NaN (no episode ended in the final window) is written as null: JSON has no NaN.
+    results = {t: {n: (None if v != v else v) for n, v in r.items()} for t, r in results.items()}
     report = {
         "envs": results,
-        "normalized": {t: {n: normalized(r, n) for n in ("lopt", "lopt_init", "rmsprop")} for t, r in results.items()},
+        "normalized": {
+            t: {n: normalized(r, n) for n in ("lopt", "lopt_init", "rmsprop")} if None not in r.values() else None
+            for t, r in results.items()
+        },
         "eval_seeds": args.eval_seeds,
         "eval_steps": args.eval_steps,
         "lopt_path": lopt_path,
@@ -745,10 +750,12 @@ def meta_train(args: Args, task_names, folder: str) -> tuple[Any, Any]:
         if os.path.exists(metrics_path):  # drop rows logged after the checkpoint
             with open(metrics_path) as f:
                 rows = list(csv.DictReader(f))
+            kept = [r for r in rows if int(r["meta_step"]) <= start]
             with open(metrics_path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["meta_step"])
-                writer.writeheader()
-                writer.writerows(r for r in rows if int(r["meta_step"]) <= start)
+                if kept:  # an empty file gets its header with the next row
+                    writer = csv.DictWriter(f, fieldnames=list(kept[0]))
+                    writer.writeheader()
+                    writer.writerows(kept)
         init_params = read_optimizer_checkpoint(os.path.join(folder, "optimizer.msgpack"))["init_params"]
         print(f"resumed {folder} at meta-step {start}")
     elif os.path.exists(os.path.join(folder, "train_state.msgpack")):

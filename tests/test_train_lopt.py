@@ -1,0 +1,662 @@
+"""Tests for train_lopt.py: gradient processing, the learned optimizers and their optax wrapper, the reset
+schedule, TD(lambda) targets, meta-gradients (against finite differences), meta-training, checkpoints,
+resuming, evaluation and the command line.
+
+Compilation dominates the run time, so every meta-training configuration is tiny and shared (TINY):
+runs with identical settings compile to the same program, which the persistent compilation cache set up
+in conftest.py then serves from disk instead of compiling it again.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import train_lopt as tl
+from common import UserError, load_msgpack, save_msgpack
+from train_lopt import (
+    EVAL_NAMES,
+    L2L,
+    Args,
+    LinearOptim,
+    Optim4RL,
+    init_lopt_params,
+    initial_carry,
+    lambda_returns,
+    learned_optimizer,
+    load_optimizer,
+    lopt_config,
+    make_lopt_net,
+    meta_train,
+    process_gradient,
+    read_optimizer_checkpoint,
+    reset_mask,
+    reset_offsets,
+    with_grad_clip,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("catch",)  # catch: cheapest to compile, and its 9-step episodes end inside tiny evaluations
+TINY = dict(env_group="catch", num_agents=2, num_envs=1, rollout_steps=4, inner_updates=2, hidden_size=8,
+            meta_steps=2, save_every=1, log_every=1, eval_seeds=2, eval_steps=64, seed=0)
+SIGN_SGD = 1.0 / math.sqrt(1.0 + 1e-8)  # Optim4RL at initialisation: sign(g) / sqrt(exp(0) + 1e-8)
+
+
+def tiny_args(**overrides) -> Args:
+    return dataclasses.replace(Args(), **{**TINY, **overrides})
+
+
+def leaves_equal(a, b, atol=0.0):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(la, lb):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
+
+
+def tree_finite(tree) -> bool:
+    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
+
+
+def read_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared, compiled-once objects
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def meta():
+    """make_meta_train on the tiny config, after 3 meta-steps (meta_step donates: always rebind)."""
+    mt = tl.make_meta_train(tiny_args(), TASKS)
+    state = mt.init(jax.random.PRNGKey(0))
+    init_params = jax.device_get(state.lopt_params)
+    metrics = []
+    for _ in range(3):
+        state, m = mt.meta_step(state)
+        metrics.append(jax.device_get(m))
+    return SimpleNamespace(mt=mt, state=state, init_params=init_params, metrics=metrics)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 2-meta-step run (save_every=1, log_every=1) in its own folder."""
+    folder = str(tmp_path_factory.mktemp("trained"))
+    args = tiny_args(out_dir=folder)
+    lopt_params, init_params = meta_train(args, TASKS, folder)
+    return SimpleNamespace(folder=folder, path=os.path.join(folder, "optimizer.msgpack"), args=args,
+                           lopt_params=jax.device_get(lopt_params), init_params=init_params)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Gradient processing
+# ------------------------------------------------------------------------------------------------
+
+
+def test_process_gradient_values():
+    """(sign g, log(|g| + 1e-18)) over 12 orders of magnitude, zero and negatives; finite at g = 0."""
+    g = np.array([0.0, 1e-12, -1e-12, 3e-9, -2e-6, 1e-3, -0.5, 1.0, -1.0], np.float32)
+    sign, log_abs = process_gradient(jnp.asarray(g))
+    np.testing.assert_array_equal(sign, np.sign(g))
+    np.testing.assert_allclose(log_abs, np.log(np.abs(g).astype(np.float64) + 1e-18), rtol=1e-6)
+    assert np.all(np.isfinite(log_abs)) and log_abs[0] == pytest.approx(np.log(1e-18), rel=1e-6)
+    assert log_abs[0] < log_abs[1]  # zero stays below the smallest gradient, not clamped onto it
+
+
+def test_process_gradient_stops_gradient():
+    """The optimizer's inputs are constants to the meta-gradient: d(features)/dg is zero."""
+    g = jnp.array([0.3, -2.0, 1e-5, 0.0])
+    d = jax.grad(lambda g: sum(jnp.sum(x * x) for x in process_gradient(g)))(g)
+    np.testing.assert_array_equal(d, 0.0)
+    d = jax.grad(lambda g: jnp.sum(tl.l2l_features(g) ** 2))(g)
+    np.testing.assert_array_equal(d, 0.0)
+
+
+@pytest.mark.parametrize("cls, rnn, processed_in", [(Optim4RL, "rnn_m", 2), (L2L, "rnn", 2), (LinearOptim, "rnn", 2)])
+def test_raw_gradient_input_path(cls, rnn, processed_in):
+    """grad_processing=False feeds raw g (1 input feature) instead of 2 processed features, and still runs."""
+    for processing, in_dim in [(True, processed_in), (False, 1)]:
+        net = cls(hidden_size=8, grad_processing=processing)
+        params = init_lopt_params(net, jax.random.PRNGKey(0))
+        assert params["params"][rnn]["ir"]["kernel"].shape == (in_dim, 8)
+        if cls is Optim4RL:  # the second-moment RNN always sees one feature: 2 log|g| or g^2
+            assert params["params"]["rnn_v"]["ir"]["kernel"].shape == (1, 8)
+        carry, out = net.apply(params, initial_carry(net, 3), jnp.array([0.5, -1e-4, 0.0]))
+        assert out.shape == (3,) and np.all(np.isfinite(out))
+    # Same weights, different inputs: perturbed raw and processed Optim4RL disagree on a tiny gradient.
+    if cls is Optim4RL:
+        outs = []
+        for processing in (True, False):
+            net = cls(hidden_size=8, grad_processing=processing)
+            p = init_lopt_params(net, jax.random.PRNGKey(0))
+            p = jax.tree.map(lambda x: x + 0.5, p)
+            outs.append(net.apply(p, initial_carry(net, 1), jnp.array([1e-6]))[1])
+        assert not np.allclose(outs[0], outs[1], rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2-3. The learned optimizers as optax transformations
+# ------------------------------------------------------------------------------------------------
+
+GRADS = {"a": jnp.array([[0.3, -2.0, 0.0], [1e-7, -1e-3, 5.0]]), "b": jnp.array([-0.7, 4e-6, 1.0, -1e-9])}
+
+
+def test_optim4rl_at_init_is_sign_sgd():
+    """Zero-initialised output layers: the first update is -lr * sign(g), leaf by leaf, shapes kept."""
+    net = Optim4RL(hidden_size=8)
+    tx = learned_optimizer(net, init_lopt_params(net, jax.random.PRNGKey(3)), 0.1)
+    state = tx.init(GRADS)
+    for _ in range(2):  # also after the recurrent state has moved
+        updates, state = tx.update(GRADS, state)
+        for k in GRADS:
+            assert updates[k].shape == GRADS[k].shape
+            np.testing.assert_allclose(updates[k], -0.1 * np.sign(GRADS[k]) * SIGN_SGD, rtol=1e-6)
+
+
+@pytest.mark.parametrize("lopt, num_rnns", [("optim4rl", 2), ("l2l", 1), ("linear", 1)])
+def test_state_carry_shapes(lopt, num_rnns):
+    """One recurrent state per RNN, one row per parameter coordinate (here 6 + 4 = 10)."""
+    net = make_lopt_net(dict(lopt=lopt, hidden_size=8, grad_processing=True))
+    tx = learned_optimizer(net, init_lopt_params(net, jax.random.PRNGKey(0)), 0.1)
+    state = tx.init(GRADS)
+    assert len(state.carry) == num_rnns and all(c.shape == (10, 8) for c in state.carry)
+    updates, state = tx.update(GRADS, state)
+    assert len(state.carry) == num_rnns and all(c.shape == (10, 8) for c in state.carry)
+    assert any(np.any(c != 0) for c in state.carry)  # the state is actually updated
+    flat = np.concatenate([np.ravel(updates["a"]), np.ravel(updates["b"])])
+    g = np.concatenate([np.ravel(GRADS["a"]), np.ravel(GRADS["b"])])
+    expected = {"optim4rl": -0.1 * np.sign(g) * SIGN_SGD, "l2l": 0.0 * g, "linear": -0.1 * g}[lopt]
+    np.testing.assert_allclose(flat, expected, rtol=1e-6, atol=1e-12)  # l2l starts at 0, linear at SGD
+
+
+def test_with_grad_clip_clips_elementwise():
+    """with_grad_clip clips each gradient coordinate before the optimizer (LinearOptim at init = SGD)."""
+    net = LinearOptim(hidden_size=8)
+    base = learned_optimizer(net, init_lopt_params(net, jax.random.PRNGKey(0)), 0.1)
+    g = {"w": jnp.array([5.0, -0.5, -3.0])}
+    for clip, expected in [(1.0, [-0.1, 0.05, 0.1]), (None, [-0.5, 0.05, 0.3])]:
+        tx = with_grad_clip(base, clip)
+        updates, _ = tx.update(g, tx.init(g))
+        np.testing.assert_allclose(updates["w"], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bias_m, bias_v", [(1e4, -1e4), (1e4, 1e4), (-1e4, -1e4), (-1e4, 1e4)])
+def test_optim4rl_overflow_guard(bias_m, bias_v):
+    """Huge output-layer biases (exponents of m and v) are clipped: updates stay finite for g in {0, 1e30}."""
+    net = Optim4RL(hidden_size=8)
+    params = jax.tree.map(jnp.asarray, init_lopt_params(net, jax.random.PRNGKey(0)))
+    params["params"]["out_m"]["bias"] = jnp.full((1,), bias_m)
+    params["params"]["out_v"]["bias"] = jnp.full((1,), bias_v)
+    tx = learned_optimizer(net, params, 1.0)
+    g = {"w": jnp.array([0.0, 1e30, -1e30, 1e-30, 1.0, -3e-12])}
+    state = tx.init(g)
+    for _ in range(3):
+        updates, state = tx.update(g, state)
+        assert np.all(np.isfinite(updates["w"])), updates
+        assert all(np.all(np.isfinite(c)) for c in state.carry)
+    assert updates["w"][0] == 0.0  # a zero gradient gives no step
+    assert np.all(np.sign(updates["w"][1:]) == -np.sign(g["w"][1:]))
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Reset schedule
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, m", [(8, 72), (512, 576), (3, 10), (1, 5), (4, 4)])
+def test_reset_offsets_pipeline(n, m):
+    """Offsets are sorted, in [0, m), span it end to end, evenly spaced; each agent resets once per m steps."""
+    offsets = reset_offsets(n, m, True)
+    assert offsets.shape == (n,)
+    assert np.all(np.diff(offsets) >= 0) and offsets.min() >= 0 and offsets.max() < m
+    if n >= 2:
+        assert offsets[0] == 0 and offsets[-1] == m - 1
+        gaps = np.diff(offsets)
+        assert gaps.max() - gaps.min() <= 1 and gaps.min() >= 1
+    for start in (0, 37, 5 * m):  # any window of m consecutive meta-steps
+        counts = sum(np.asarray(reset_mask(t, offsets, m), np.int32) for t in range(start, start + m))
+        np.testing.assert_array_equal(counts, 1)
+    # Jitted with a traced meta-step, as in meta_step.
+    mask = jax.jit(lambda t: reset_mask(t, jnp.asarray(offsets), m))(jnp.int32(m + offsets[-1]))
+    assert bool(mask[-1]) and int(mask.sum()) == int(np.sum(offsets == offsets[-1]))
+
+
+def test_reset_offsets_no_pipeline():
+    """pipeline=False: all agents reset together, exactly at multiples of the interval."""
+    offsets = reset_offsets(6, 10, False)
+    np.testing.assert_array_equal(offsets, 0)
+    for t in range(35):
+        mask = np.asarray(reset_mask(t, offsets, 10))
+        assert mask.all() if t % 10 == 0 else not mask.any()
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. TD(lambda) targets
+# ------------------------------------------------------------------------------------------------
+
+
+def lambda_return_reference(r, d, v, gamma, lam):
+    """TD(lambda) from its definition: a lambda-weighted mix of n-step returns (no bootstrap past a done)."""
+    T = len(r)
+
+    def n_step(t, n):
+        g, discount = 0.0, 1.0
+        for k in range(t, t + n):
+            g += discount * r[k]
+            if d[k]:
+                return g
+            discount *= gamma
+        return g + discount * v[t + n]
+
+    out = []
+    for t in range(T):
+        horizon = T - t
+        g = sum((1 - lam) * lam ** (n - 1) * n_step(t, n) for n in range(1, horizon))
+        out.append(g + lam ** (horizon - 1) * n_step(t, horizon))
+    return np.array(out)
+
+
+R = np.array([1.0, -0.5, 2.0, 0.3, -1.0])
+D = np.array([False, False, True, False, False])
+V = np.array([0.5, 1.5, -2.0, 0.7, 0.4, 3.0])  # T + 1 values: the last one bootstraps
+
+
+def test_lambda_returns_reference():
+    """gamma 0.9, lambda 0.8, a done in the middle, against the n-step definition."""
+    out = lambda_returns(jnp.asarray(R), jnp.asarray(D), jnp.asarray(V), 0.9, 0.8)
+    np.testing.assert_allclose(out, lambda_return_reference(R, D, V, 0.9, 0.8), rtol=1e-5)
+    assert out[2] == pytest.approx(2.0)  # the episode ends at t=2: its target is just the reward
+    # Hand-computed for t=4 and t=3: G4 = -1 + 0.9 * 3 ; G3 = 0.3 + 0.9 * (0.2 * 0.4 + 0.8 * G4)
+    assert out[4] == pytest.approx(1.7) and out[3] == pytest.approx(0.3 + 0.9 * (0.08 + 0.8 * 1.7))
+
+
+def test_lambda_returns_limits():
+    """lambda=0: one-step TD targets; lambda=1 without dones: discounted return + discounted bootstrap."""
+    out0 = lambda_returns(jnp.asarray(R), jnp.asarray(D), jnp.asarray(V), 0.9, 0.0)
+    np.testing.assert_allclose(out0, R + 0.9 * (1 - D) * V[1:], rtol=1e-6)
+    no_done = np.zeros(5, bool)
+    out1 = lambda_returns(jnp.asarray(R), jnp.asarray(no_done), jnp.asarray(V), 0.9, 1.0)
+    mc = [sum(0.9 ** (k - t) * R[k] for k in range(t, 5)) + 0.9 ** (5 - t) * V[5] for t in range(5)]
+    np.testing.assert_allclose(out1, mc, rtol=1e-6)
+
+
+def test_lambda_returns_batched():
+    """Time-major [T, E] inputs: each environment column is computed independently."""
+    r = np.stack([R, R[::-1]], 1)
+    d = np.stack([D, np.zeros(5, bool)], 1)
+    v = np.stack([V, V[::-1]], 1)
+    out = lambda_returns(jnp.asarray(r), jnp.asarray(d), jnp.asarray(v), 0.9, 0.8)
+    for e in range(2):
+        np.testing.assert_allclose(out[:, e], lambda_return_reference(r[:, e], d[:, e], v[:, e], 0.9, 0.8), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Meta-gradient against finite differences (float64)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lopt", ["optim4rl", "l2l", "linear"])
+def test_meta_gradient_matches_finite_differences(lopt):
+    """d loss(theta_K) / d phi through K=3 learned-optimizer steps (scan + jax.checkpoint) vs central FD."""
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        net = make_lopt_net(dict(lopt=lopt, hidden_size=8, grad_processing=True))
+        phi0 = init_lopt_params(net, jax.random.PRNGKey(1))
+        # Perturb so the output layers are non-zero and every parameter matters.
+        phi0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64)
+                            + 0.1 * jnp.asarray(rng.normal(size=x.shape)), phi0)
+        gs = jnp.asarray(rng.normal(size=(3, 5)) * 10.0 ** rng.uniform(-4, 0, size=(3, 5)))
+        theta0 = jnp.asarray(rng.normal(size=5))
+        target = jnp.asarray(rng.normal(size=5))
+
+        def loss(phi):
+            tx = learned_optimizer(net, phi, 0.3)
+
+            def step(carry, g):
+                theta, state = carry
+                updates, state = tx.update(g, state)
+                return (optax.apply_updates(theta, updates), state), None
+
+            (theta, _), _ = jax.lax.scan(step, (theta0, tx.init(theta0)), gs)
+            return jnp.sum((theta - target) ** 2)
+
+        loss_fn = jax.jit(loss)
+        grad = jax.jit(jax.grad(loss))(phi0)
+        assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(grad))
+        assert float(optax.tree.norm(grad)) > 1e-6
+        eps = 1e-6
+        for i in range(3):
+            direction = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), phi0)
+            plus = loss_fn(jax.tree.map(lambda p, u: p + eps * u, phi0, direction))
+            minus = loss_fn(jax.tree.map(lambda p, u: p - eps * u, phi0, direction))
+            fd = float(plus - minus) / (2 * eps)
+            ad = float(sum(jnp.vdot(g, u) for g, u in zip(jax.tree.leaves(grad), jax.tree.leaves(direction))))
+            assert abs(ad - fd) <= 1e-4 * max(abs(fd), 1e-8), (i, ad, fd)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Meta-steps on a tiny population
+# ------------------------------------------------------------------------------------------------
+
+
+def test_meta_steps_update_lopt(meta):
+    """3 meta-steps: counter 3, finite meta-gradients, lopt params changed and finite, agents finite."""
+    state = meta.state
+    assert int(state.meta_step) == 3
+    assert all(bool(m["grad_finite"]) for m in meta.metrics)
+    assert all(np.isfinite(m["tasks"][0]["meta_loss"]) for m in meta.metrics)
+    assert tree_finite(state.lopt_params) and tree_finite(state.populations[0].params)
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), state.lopt_params, meta.init_params)
+    assert max(jax.tree.leaves(diffs)) > 1e-4
+    # The output layers started at zero and have moved: the optimizer is no longer plain sign-SGD.
+    assert np.any(np.asarray(state.lopt_params["params"]["out_m"]["kernel"]) != 0)
+    # The population is num_agents agents stacked on a leading axis.
+    assert all(x.shape[0] == 2 for x in jax.tree.leaves(state.populations[0].params))
+
+
+def test_population_meta_gradient(meta):
+    """jax.grad of population_meta_loss w.r.t. the lopt params: finite and non-zero in every module."""
+    task = meta.mt.tasks[0]
+    grad_fn = jax.jit(lambda p, pop, key, t: jax.grad(meta.mt.population_meta_loss, has_aux=True)(p, task, pop, key, t))
+    grads, (population, return_sum, return_count) = grad_fn(
+        meta.state.lopt_params, meta.state.populations[0], jax.random.PRNGKey(7), meta.state.meta_step
+    )
+    assert tree_finite(grads)
+    for module, g in grads["params"].items():
+        assert float(optax.tree.norm(g)) > 0, module
+    assert tree_finite(population.params)
+    assert return_sum.shape == (2,) and return_count.shape == (2,)
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip(trained):
+    """optimizer.msgpack holds the final and initial params, the config and the meta-step."""
+    ckpt = read_optimizer_checkpoint(trained.path)
+    leaves_equal(ckpt["params"], trained.lopt_params)
+    leaves_equal(ckpt["init_params"], trained.init_params)
+    assert ckpt["config"] == lopt_config(trained.args)
+    assert ckpt["meta_step"] == 2
+    assert not np.allclose(ckpt["params"]["params"]["out_m"]["bias"], ckpt["init_params"]["params"]["out_m"]["bias"])
+    tx = load_optimizer(trained.path)
+    params = {"w": jnp.array([1.0, -2.0, 0.0])}
+    updates, _ = tx.update(params, tx.init(params))
+    assert np.all(np.isfinite(updates["w"])) and updates["w"][0] < 0 < updates["w"][1]
+    assert os.path.exists(os.path.join(trained.folder, "train_state.msgpack"))
+    assert [int(r["meta_step"]) for r in read_rows(os.path.join(trained.folder, "metrics.csv"))] == [1, 2]
+
+
+def test_checkpoint_corrupt_or_foreign(trained, tmp_path):
+    """Truncated, random-byte and foreign msgpack files are UserErrors that name the file."""
+    data = open(trained.path, "rb").read()
+    truncated = tmp_path / "truncated.msgpack"
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage = tmp_path / "garbage.msgpack"
+    garbage.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8)))
+    foreign = tmp_path / "foreign.msgpack"
+    save_msgpack(str(foreign), {"a": 1})
+    missing = tmp_path / "missing.msgpack"
+    for path in (truncated, garbage, foreign, missing):
+        with pytest.raises(UserError, match=re.escape(str(path))):
+            read_optimizer_checkpoint(str(path))
+        with pytest.raises(UserError, match=re.escape(str(path))):
+            load_optimizer(str(path))
+
+
+def test_checkpoint_wrong_network(tmp_path):
+    """A checkpoint whose params do not fit the network its config describes is a UserError."""
+    config = lopt_config(tiny_args())
+    other = init_lopt_params(make_lopt_net(dict(config, hidden_size=4)), jax.random.PRNGKey(0))
+    path = tmp_path / "mismatch.msgpack"
+    save_msgpack(str(path), {"config": config, "params": other})
+    with pytest.raises(UserError, match="does not match"):
+        read_optimizer_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("case", ["params_not_dict", "config_missing_key", "config_bad_type"])
+def test_checkpoint_malformed_is_user_error(tmp_path, case):
+    """Malformed-but-readable checkpoints should be UserErrors too (documented contract)."""
+    config = lopt_config(tiny_args())
+    params = init_lopt_params(make_lopt_net(config), jax.random.PRNGKey(0))
+    tree = {
+        "params_not_dict": {"config": config, "params": 5},
+        "config_missing_key": {"config": {k: v for k, v in config.items() if k != "hidden_size"}, "params": params},
+        "config_bad_type": {"config": dict(config, hidden_size="8"), "params": params},
+    }[case]
+    path = tmp_path / "malformed.msgpack"
+    save_msgpack(str(path), tree)
+    with pytest.raises(UserError):
+        read_optimizer_checkpoint(str(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. Resuming
+# ------------------------------------------------------------------------------------------------
+
+
+def test_resume_matches_uninterrupted(trained, tmp_path):
+    """4 meta-steps in one go == 2 meta-steps (the `trained` run, copied) + resume to 4: identical state."""
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    full_params, _ = meta_train(tiny_args(meta_steps=4), TASKS, full)
+    shutil.copytree(trained.folder, part)
+    with pytest.raises(UserError, match="already holds a run"):  # a new run may not overwrite it
+        meta_train(tiny_args(meta_steps=4), TASKS, part)
+    with pytest.raises(UserError, match="lopt_lr"):  # a changed setting is named
+        meta_train(tiny_args(meta_steps=4, resume=True, lopt_lr=2e-3), TASKS, part)
+    resumed_params, resumed_init = meta_train(tiny_args(meta_steps=4, resume=True), TASKS, part)
+    leaves_equal(resumed_params, full_params, atol=1e-6)
+    leaves_equal(resumed_init, trained.init_params)
+    # The whole training state (agents, meta-optimizer state, key) matches too.
+    leaves_equal(load_msgpack(os.path.join(part, "train_state.msgpack"))["state"],
+                 load_msgpack(os.path.join(full, "train_state.msgpack"))["state"], atol=1e-6)
+    assert read_optimizer_checkpoint(os.path.join(part, "optimizer.msgpack"))["meta_step"] == 4
+    rows = read_rows(os.path.join(part, "metrics.csv"))
+    assert [int(r["meta_step"]) for r in rows] == [1, 2, 3, 4]
+    assert [r["return/catch"] for r in rows] == [r["return/catch"] for r in read_rows(os.path.join(full, "metrics.csv"))]
+
+
+def test_resume_without_checkpoint_is_user_error(tmp_path):
+    """--resume on a folder without a run names the missing file."""
+    with pytest.raises(UserError, match="train_state.msgpack"):
+        meta_train(tiny_args(resume=True), TASKS, str(tmp_path / "nothing"))
+
+
+def test_resume_after_interrupt_before_first_log(tmp_path, monkeypatch):
+    """Ctrl-C right after the step-1 checkpoint (log_every=2, nothing logged yet), then --resume."""
+    folder = str(tmp_path / "run")
+    real_save = tl.save_checkpoint
+
+    def save_then_interrupt(folder_, args_, state, *rest):
+        real_save(folder_, args_, state, *rest)
+        if int(state.meta_step) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tl, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        meta_train(tiny_args(meta_steps=3, log_every=2), TASKS, folder)
+    monkeypatch.setattr(tl, "save_checkpoint", real_save)
+    meta_train(tiny_args(meta_steps=3, log_every=2, resume=True), TASKS, folder)
+    rows = read_rows(os.path.join(folder, "metrics.csv"))
+    assert [int(r["meta_step"]) for r in rows] == [2, 3]
+    assert all("return/catch" in r and None not in r for r in rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. load_optimizer as a drop-in optax optimizer
+# ------------------------------------------------------------------------------------------------
+
+
+def test_load_optimizer_minimises_quadratic(trained):
+    """Inside optax.chain and under jax.jit, the trained optimizer minimises sum(w^2) from w = 5."""
+    tx = optax.chain(load_optimizer(trained.path, learning_rate=0.05), optax.identity())
+    loss = lambda p: jnp.sum(p["w"] ** 2)  # noqa: E731
+
+    @jax.jit
+    def step(params, opt_state):
+        updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params = {"w": jnp.full(10, 5.0)}
+    opt_state = tx.init(params)
+    start = float(loss(params))
+    for _ in range(200):
+        params, opt_state = step(params, opt_state)
+    assert float(loss(params)) <= start / 10
+    assert tree_finite(params)
+
+
+def test_load_optimizer_learning_rate(trained):
+    """Default: the meta-trained lopt_lr (about sign-SGD at 1e-3 here); an override rescales the step."""
+    params = {"w": jnp.array([3.0, -0.2, 1e-4])}
+    first = {}
+    for lr in (None, 0.01, 0.001):
+        tx = load_optimizer(trained.path, learning_rate=lr)
+        first[lr] = np.asarray(tx.update(params, tx.init(params))[0]["w"])
+    np.testing.assert_allclose(first[0.01], 10 * first[0.001], rtol=1e-5)
+    np.testing.assert_allclose(first[None], first[0.001], rtol=1e-6)  # lopt_lr of the tiny config is 1e-3
+    np.testing.assert_allclose(np.abs(first[0.001]), 1e-3, rtol=0.2)  # still close to sign-SGD
+    assert np.all(np.sign(first[0.001]) == -np.sign(params["w"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. Non-finite meta-gradients
+# ------------------------------------------------------------------------------------------------
+
+
+def test_non_finite_meta_gradients_stop_the_run(tmp_path):
+    """lopt_lr=1e30 blows the agents up, so every meta-gradient is non-finite: after max_bad_steps=2 the
+    run stops with a UserError, and the checkpoint written after the first step is intact and loadable."""
+    folder = str(tmp_path / "bad")
+    args = tiny_args(lopt_lr=1e30, max_bad_steps=2, meta_steps=5, save_every=1, log_every=10)
+    with pytest.raises(UserError, match="non-finite") as error:
+        meta_train(args, TASKS, folder)
+    assert "meta-step 2" in str(error.value) and folder in str(error.value)
+    ckpt = read_optimizer_checkpoint(os.path.join(folder, "optimizer.msgpack"))
+    assert ckpt["meta_step"] == 1
+    assert tree_finite(ckpt["params"])
+    leaves_equal(ckpt["params"], ckpt["init_params"])  # non-finite meta-gradients were not applied
+    assert load_msgpack(os.path.join(folder, "train_state.msgpack"))["bad_steps"] == 1
+    tx = load_optimizer(os.path.join(folder, "optimizer.msgpack"), learning_rate=0.1)
+    g = {"w": jnp.array([1.0, -1.0])}
+    np.testing.assert_allclose(tx.update(g, tx.init(g))[0]["w"], [-0.1 * SIGN_SGD, 0.1 * SIGN_SGD], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. End to end: main() with evaluation, then --eval-only
+# ------------------------------------------------------------------------------------------------
+
+
+def test_main_end_to_end(tmp_path):
+    """main(): meta-train, save, plot, evaluate; then eval-only from the checkpoint reproduces the numbers."""
+    out = str(tmp_path)
+    tl.main(tiny_args(out_dir=out, run_name="run"))
+    folder = os.path.join(out, "run")
+    for name in ("optimizer.msgpack", "train_state.msgpack", "metrics.csv", "meta_training.png", "eval.json",
+                 "args.json"):
+        assert os.path.getsize(os.path.join(folder, name)) > 0, name
+    report = json.load(open(os.path.join(folder, "eval.json")))
+    assert set(report["envs"]) == set(TASKS)
+    for task, results in report["envs"].items():
+        assert set(results) == set(EVAL_NAMES)
+        assert all(isinstance(v, float) and math.isfinite(v) for v in results.values()), results
+    assert report["lopt_path"] == os.path.join(folder, "optimizer.msgpack")
+
+    tl.main(tiny_args(out_dir=out, run_name="again", eval_only=True, lopt_path=report["lopt_path"]))
+    again = json.load(open(os.path.join(out, "again", "eval.json")))
+    assert set(os.listdir(os.path.join(out, "again"))) == {"eval.json"}  # nothing trained
+    for task in TASKS:
+        for name in EVAL_NAMES:
+            assert again["envs"][task][name] == pytest.approx(report["envs"][task][name], rel=1e-5, abs=1e-6)
+
+
+def test_eval_only_needs_lopt_path(tmp_path):
+    with pytest.raises(UserError, match="--lopt-path"):
+        tl.main(tiny_args(out_dir=str(tmp_path), eval_only=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# 13. Command line
+# ------------------------------------------------------------------------------------------------
+
+
+CLI_CASES = {
+    "bad_env_group": ["--env-group", "nope"],
+    "bad_lopt": ["--lopt", "nope"],
+    "missing_ckpt": ["--eval-only", "--lopt-path", "/nonexistent.msgpack", "--env-group", "small_dense_short"],
+    "corrupt_ckpt": ["--eval-only", "--lopt-path", "{corrupt}", "--env-group", "small_dense_short"],
+    "help": ["--help"],
+}
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """Run every CLI case as `python train_lopt.py ...` at once (each one mostly imports JAX)."""
+    folder = tmp_path_factory.mktemp("cli")
+    corrupt = folder / "corrupt.msgpack"
+    corrupt.write_bytes(b"\xc1\xc1 this is not msgpack")
+    env = dict(os.environ, COLUMNS="200", JAX_PLATFORMS="cpu")
+    procs = {}
+    for name, argv in CLI_CASES.items():
+        argv = [a.format(corrupt=corrupt) for a in argv] + ["--out-dir", str(folder)]
+        procs[name] = subprocess.Popen([sys.executable, "train_lopt.py", *argv], cwd=REPO, env=env, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    results = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        results[name] = SimpleNamespace(returncode=proc.returncode, stdout=stdout, stderr=stderr)
+    results["corrupt_path"] = str(corrupt)
+    return results
+
+
+def test_parse_args_presets():
+    """Presets set defaults; explicit flags win; --no-pipeline turns the pipeline off."""
+    assert tl.parse_args([]).num_agents == Args().num_agents
+    paper = tl.parse_args(["--preset", "paper"])
+    assert (paper.num_agents, paper.meta_steps, paper.reset_interval) == (512, 586, 144)
+    mixed = tl.parse_args(["--preset=paper", "--num-agents", "3", "--no-pipeline"])
+    assert (mixed.num_agents, mixed.meta_steps, mixed.pipeline) == (3, 586, False)
+
+
+@pytest.mark.parametrize("case, choice", [("bad_env_group", "gridworld"), ("bad_lopt", "optim4rl")])
+def test_cli_invalid_choice(cli, case, choice):
+    """An invalid choice exits non-zero and lists the valid ones, without a traceback."""
+    proc = cli[case]
+    assert proc.returncode != 0
+    assert choice in proc.stderr and "nope" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("case", ["missing_ckpt", "corrupt_ckpt"])
+def test_cli_missing_and_corrupt_checkpoint(cli, case):
+    """--eval-only with a missing or corrupt --lopt-path: exit 2, one stderr line naming the file."""
+    proc = cli[case]
+    path = "/nonexistent.msgpack" if case == "missing_ckpt" else cli["corrupt_path"]
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and path in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_help(cli):
+    proc = cli["help"]
+    assert proc.returncode == 0
+    assert "--num-agents" in proc.stdout and "--no-pipeline" in proc.stdout and "--lopt-path" in proc.stdout
