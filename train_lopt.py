@@ -530,7 +530,8 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
             )(state.lopt_params, task, population, task_key, state.meta_step)
             # Reward scales differ by up to 1e3 between tasks, so raw meta-gradients differ by up to 1e6:
             # give each task's meta-gradient unit norm so that every task counts.
-            grads.append(jax.tree.map(lambda g: g / (optax.tree.norm(grad) + 1e-12), grad))
+            grad_norm = optax.tree.norm(grad)
+            grads.append(jax.tree.map(lambda g: g / (grad_norm + 1e-12), grad))
             populations.append(population)
             metrics.append(dict(meta_loss=loss, return_sum=return_sum.sum(), return_count=return_count.sum()))
         grad = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
