@@ -1,0 +1,467 @@
+"""PPO on Brax continuous control with Adam, RMSProp, SGD or a learned optimizer, side by side.
+
+Does an optimizer meta-trained only on gridworlds (train_lopt.py) train Brax robots? Every optimizer
+gets the same PPO settings and the same seeds, one after another, in one invocation:
+
+    python eval_brax.py --env inverted_double_pendulum --optimizers adam lopt --lopt-path runs/<run>/optimizer.msgpack
+    python eval_brax.py --env ant --backend spring --preset paper --optimizers adam lopt --lopt-path ...
+
+Reading order: settings and presets -> PPO (rollout, loss, update, evaluation; `make_train` returns one
+function, jitted end to end and vmapped over seeds) -> optimizers -> outputs -> main.
+PPO follows Brax's own trainer (brax.training.agents.ppo) so that the two can be compared: Brax's
+environments and training wrappers, its networks (tanh-squashed Gaussian policy) and its running
+observation statistics, with the rollout, loss and update loop written here.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from brax import envs
+from brax.training.acme import running_statistics, specs
+from brax.training.agents.ppo import losses as brax_ppo_losses
+from brax.training.agents.ppo import networks as brax_ppo_networks
+
+from common import UserError, run_cli
+
+OptimizerName = Literal["adam", "rmsprop", "sgd", "lopt"]
+
+
+@dataclass
+class Args:
+    env: str = "inverted_double_pendulum"
+    """any Brax environment name (brax.envs); presets exist for ant, humanoid, walker2d, hopper,
+    halfcheetah, inverted_pendulum, inverted_double_pendulum and reacher"""
+    backend: Literal["positional", "spring", "generalized"] = "positional"
+    """Brax physics backend"""
+    preset: Literal["cpu", "paper"] = "cpu"
+    """'cpu': Brax's PPO settings scaled to a few CPU cores; 'paper': Brax's published settings and budget"""
+    optimizers: tuple[OptimizerName, ...] = ("adam", "lopt")
+    """optimizers to compare, trained one after another with the same PPO settings and seeds"""
+    lopt_path: str | None = None
+    """learned-optimizer checkpoint (optimizer.msgpack from train_lopt.py)"""
+    lopt_lr: float = 3e-4
+    """learning rate multiplying the learned optimizer's output (the paper: 3e-4)"""
+    lopt_grad_clip: float = 1.0
+    """element-wise gradient clip before the learned optimizer (the paper: 1)"""
+    learning_rate: float = 3e-4
+    """learning rate of adam, rmsprop and sgd"""
+    max_grad_norm: float | None = None
+    """clip adam/rmsprop/sgd gradients to this global norm (Brax's default: no clipping)"""
+    total_timesteps: int = 500_000
+    """training env steps per seed"""
+    num_seeds: int = 3
+    """independent runs per optimizer, vmapped in one program"""
+    num_envs: int = 512
+    batch_size: int = 256
+    """segments of unroll_length steps per minibatch"""
+    num_minibatches: int = 8
+    unroll_length: int = 5
+    num_updates_per_batch: int = 4
+    """epochs over each batch"""
+    reward_scaling: float = 10.0
+    discounting: float = 0.97
+    gae_lambda: float = 0.95
+    clipping_epsilon: float = 0.3
+    entropy_cost: float = 1e-2
+    value_coef: float = 0.5
+    episode_length: int = 1000
+    action_repeat: int = 1
+    normalize_observations: bool = True
+    num_evals: int = 10
+    """evaluations during training, evenly spaced, plus one before training"""
+    num_eval_envs: int = 16
+    """deterministic evaluation episodes (policy mean) per evaluation, on separate environments"""
+    seed: int = 0
+    out_dir: str = "runs"
+    run_name: str | None = None
+    """default: brax_<env>_<backend>_s<seed>"""
+
+
+# Brax's PPO settings (its training notebook), see ANCHORS.md. "cpu" scales them to a few CPU cores:
+# 512 envs, minibatches of 256 segments, 8 minibatches; budgets are sized so that adam + lopt with 3 seeds
+# finish in about 15 minutes on 2 cores. Hopper and walker2d have no published PPO settings; ant's are used.
+_LOCOMOTION = dict(reward_scaling=10.0, discounting=0.97, entropy_cost=1e-2, unroll_length=5, num_updates_per_batch=4)
+_CPU = dict(num_envs=512, batch_size=256, num_minibatches=8)
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "cpu": {
+        "inverted_pendulum": dict(_LOCOMOTION, **_CPU, total_timesteps=300_000),
+        "inverted_double_pendulum": dict(_LOCOMOTION, **_CPU, total_timesteps=500_000),
+        "hopper": dict(_LOCOMOTION, **_CPU, total_timesteps=500_000),
+        "ant": dict(_LOCOMOTION, **_CPU, total_timesteps=500_000),
+        "walker2d": dict(_LOCOMOTION, **_CPU, total_timesteps=500_000),
+        "halfcheetah": dict(_CPU, reward_scaling=1.0, discounting=0.95, entropy_cost=1e-3, unroll_length=20,
+                            num_updates_per_batch=8, total_timesteps=500_000),
+        "humanoid": dict(_LOCOMOTION, **_CPU, reward_scaling=0.1, entropy_cost=1e-3, unroll_length=10,
+                         num_updates_per_batch=8, total_timesteps=500_000),
+        "reacher": dict(num_envs=256, batch_size=128, num_minibatches=8, unroll_length=20, num_updates_per_batch=8,
+                        reward_scaling=5.0, discounting=0.95, entropy_cost=1e-3, action_repeat=4,
+                        total_timesteps=1_000_000),
+    },
+    "paper": {
+        "inverted_pendulum": dict(_LOCOMOTION, num_envs=2048, batch_size=1024, num_minibatches=32,
+                                  total_timesteps=2_000_000, num_evals=20),
+        "inverted_double_pendulum": dict(_LOCOMOTION, num_envs=2048, batch_size=1024, num_minibatches=32,
+                                         total_timesteps=20_000_000, num_evals=20),
+        "ant": dict(_LOCOMOTION, num_envs=4096, batch_size=2048, num_minibatches=32, total_timesteps=100_000_000),
+        "hopper": dict(_LOCOMOTION, num_envs=4096, batch_size=2048, num_minibatches=32, total_timesteps=50_000_000),
+        "walker2d": dict(_LOCOMOTION, num_envs=4096, batch_size=2048, num_minibatches=32, total_timesteps=50_000_000),
+        "humanoid": dict(_LOCOMOTION, num_envs=2048, batch_size=1024, num_minibatches=32, reward_scaling=0.1,
+                         entropy_cost=1e-3, unroll_length=10, num_updates_per_batch=8, total_timesteps=100_000_000),
+        "halfcheetah": dict(num_envs=2048, batch_size=512, num_minibatches=32, reward_scaling=1.0, discounting=0.95,
+                            entropy_cost=1e-3, unroll_length=20, num_updates_per_batch=8, total_timesteps=50_000_000,
+                            num_evals=20),
+        "reacher": dict(num_envs=2048, batch_size=256, num_minibatches=32, unroll_length=50, num_updates_per_batch=8,
+                        reward_scaling=5.0, discounting=0.95, entropy_cost=1e-3, action_repeat=4,
+                        total_timesteps=50_000_000, num_evals=20),
+    },
+}
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """The preset for (--preset, --env) sets defaults; flags given on the command line override them."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = {"--preset": "cpu", "--env": Args.env}
+    for i, a in enumerate(argv):
+        for flag in chosen:
+            if a == flag and i + 1 < len(argv):
+                chosen[flag] = argv[i + 1]
+            elif a.startswith(flag + "="):
+                chosen[flag] = a.split("=", 1)[1]
+    defaults = Args(**PRESETS.get(chosen["--preset"], {}).get(chosen["--env"], {}))  # bad names: reported later
+    return tyro.cli(Args, args=argv, default=defaults, description=__doc__.split("\n")[0])
+
+
+def check_settings(args: Args) -> None:
+    if args.env not in envs._envs:  # Brax's registry
+        raise UserError(f"unknown --env {args.env!r}; Brax environments: {', '.join(sorted(envs._envs))}")
+    if len(set(args.optimizers)) != len(args.optimizers):
+        raise UserError(f"--optimizers lists a name twice: {' '.join(args.optimizers)}")
+    segments = args.batch_size * args.num_minibatches
+    if segments % args.num_envs:
+        raise UserError(f"--batch-size x --num-minibatches ({segments}) must be a multiple of --num-envs "
+                        f"({args.num_envs}): each update collects whole unrolls from every environment")
+    if args.episode_length % args.action_repeat:
+        raise UserError("--episode-length must be a multiple of --action-repeat")
+
+
+# ================================================================================================
+# PPO
+# ================================================================================================
+
+
+class Transition(NamedTuple):
+    obs: jax.Array
+    raw_action: jax.Array  # before the tanh squashing: the Gaussian sample whose log-probability is stored
+    log_prob: jax.Array
+    reward: jax.Array  # unscaled
+    done: jax.Array
+    truncation: jax.Array  # the episode ended by the time limit, not by termination
+    next_obs: jax.Array
+
+
+class RunnerState(NamedTuple):
+    params: brax_ppo_losses.PPONetworkParams
+    opt_state: Any
+    normalizer: running_statistics.RunningStatisticsState
+    env_state: envs.State
+    key: jax.Array
+
+
+def eval_schedule(args: Args) -> tuple[np.ndarray, np.ndarray]:
+    """(PPO updates before each evaluation, env steps per seed at each evaluation), num_evals + 1 of each.
+
+    One update collects batch_size x num_minibatches segments of unroll_length steps. Evaluation 0 comes
+    before training; the updates are shared as evenly as possible among the other num_evals.
+    """
+    env_steps_per_update = args.batch_size * args.num_minibatches * args.unroll_length * args.action_repeat
+    num_updates = math.ceil(args.total_timesteps / env_steps_per_update)
+    updates_per_period = np.diff(np.linspace(0, num_updates, args.num_evals + 1).round().astype(int), prepend=0)
+    return updates_per_period, np.cumsum(updates_per_period) * env_steps_per_update
+
+
+def make_train(args: Args, env: envs.Env, optimizer: optax.GradientTransformation,
+               on_eval: Callable[[int, np.ndarray], None] | None = None):
+    """train(keys) -> (final RunnerState, eval returns [num_evals + 1, num_seeds]); jit it.
+
+    One PPO run per key, vmapped. Before training and after each of num_evals equal periods of PPO
+    updates, the deterministic policy is evaluated; on_eval(period, returns) is then called on the host,
+    from inside the running program, for progress lines.
+    """
+    train_env = envs.training.wrap(env, episode_length=args.episode_length, action_repeat=args.action_repeat)
+    # EvalWrapper records each episode's return until its first end; its AutoReset underneath is harmless.
+    eval_env = envs.training.EvalWrapper(train_env)
+    normalize = running_statistics.normalize if args.normalize_observations else (lambda obs, _: obs)
+    networks = brax_ppo_networks.make_ppo_networks(env.observation_size, env.action_size,
+                                                   preprocess_observations_fn=normalize)
+    dist = networks.parametric_action_distribution
+    unrolls_per_update = args.batch_size * args.num_minibatches // args.num_envs
+    updates_per_period, _ = eval_schedule(args)
+
+    def policy_logits(params, normalizer, obs):
+        return networks.policy_network.apply(normalizer, params.policy, obs)
+
+    def init(key) -> RunnerState:
+        key, key_policy, key_value, key_env = jax.random.split(key, 4)
+        params = brax_ppo_losses.PPONetworkParams(networks.policy_network.init(key_policy),
+                                                  networks.value_network.init(key_value))
+        normalizer = running_statistics.init_state(specs.Array((env.observation_size,), jnp.float32))
+        env_state = train_env.reset(jax.random.split(key_env, args.num_envs))
+        return RunnerState(params, optimizer.init(params), normalizer, env_state, key)
+
+    def rollout(runner: RunnerState):
+        """unrolls_per_update x unroll_length steps in every env -> Transitions [segments, unroll_length, ...]."""
+
+        def step(carry, key):
+            env_state = carry
+            logits = policy_logits(runner.params, runner.normalizer, env_state.obs)
+            raw_action = dist.sample_no_postprocessing(logits, key)
+            next_state = train_env.step(env_state, dist.postprocess(raw_action))
+            transition = Transition(env_state.obs, raw_action, dist.log_prob(logits, raw_action), next_state.reward,
+                                    next_state.done, next_state.info["truncation"], next_state.obs)
+            return next_state, transition
+
+        key, key_steps = jax.random.split(runner.key)
+        num_steps = unrolls_per_update * args.unroll_length
+        env_state, traj = jax.lax.scan(step, runner.env_state, jax.random.split(key_steps, num_steps))
+        # [unrolls * T, envs, ...] -> [unrolls * envs, T, ...]: contiguous segments of one environment each.
+        segments = jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape(unrolls_per_update, args.unroll_length, *x.shape[1:]), 1, 2)
+            .reshape(-1, args.unroll_length, *x.shape[2:]),
+            traj,
+        )
+        return segments, runner._replace(env_state=env_state, key=key)
+
+    def loss_fn(params, normalizer, batch: Transition, key):
+        """Clipped PPO loss on a minibatch of segments, with GAE computed under the current value function."""
+        batch = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batch)  # time first: [T, B, ...]
+        logits = policy_logits(params, normalizer, batch.obs)
+        values = networks.value_network.apply(normalizer, params.value, batch.obs)
+        bootstrap = networks.value_network.apply(normalizer, params.value, batch.next_obs[-1])
+        termination = batch.done * (1 - batch.truncation)  # a time-limit end is not a terminal state
+        value_targets, advantages = brax_ppo_losses.compute_gae(
+            truncation=batch.truncation, termination=termination, rewards=batch.reward * args.reward_scaling,
+            values=values, bootstrap_value=bootstrap, lambda_=args.gae_lambda, discount=args.discounting)
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        ratio = jnp.exp(dist.log_prob(logits, batch.raw_action) - batch.log_prob)
+        clipped_ratio = jnp.clip(ratio, 1 - args.clipping_epsilon, 1 + args.clipping_epsilon)
+        policy_loss = -jnp.mean(jnp.minimum(ratio * advantages, clipped_ratio * advantages))
+        value_loss = 0.5 * args.value_coef * jnp.mean((value_targets - values) ** 2)  # Brax's scaling
+        entropy = jnp.mean(dist.entropy(logits, key))  # tanh-Gaussian entropy: estimated from one sample
+        return policy_loss + value_loss - args.entropy_cost * entropy
+
+    def ppo_update(runner: RunnerState) -> RunnerState:
+        segments, runner = rollout(runner)
+        normalizer = running_statistics.update(runner.normalizer, segments.obs) if args.normalize_observations \
+            else runner.normalizer
+
+        def minibatch_step(carry, minibatch):
+            params, opt_state, key = carry
+            key, key_loss = jax.random.split(key)
+            grads = jax.grad(loss_fn)(params, normalizer, minibatch, key_loss)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state, key), None
+
+        def epoch(carry, key):
+            key_perm, key_steps = jax.random.split(key)
+            shuffled = jax.tree.map(
+                lambda x: jax.random.permutation(key_perm, x).reshape(args.num_minibatches, -1, *x.shape[1:]),
+                segments,
+            )
+            params, opt_state = carry
+            (params, opt_state, _), _ = jax.lax.scan(minibatch_step, (params, opt_state, key_steps), shuffled)
+            return (params, opt_state), None
+
+        key, key_epochs = jax.random.split(runner.key)
+        (params, opt_state), _ = jax.lax.scan(epoch, (runner.params, runner.opt_state),
+                                              jax.random.split(key_epochs, args.num_updates_per_batch))
+        return runner._replace(params=params, opt_state=opt_state, normalizer=normalizer, key=key)
+
+    def evaluate(runner: RunnerState) -> tuple[RunnerState, jax.Array]:
+        """Mean return of num_eval_envs deterministic episodes (policy mean) on fresh evaluation environments."""
+        key, key_reset = jax.random.split(runner.key)
+
+        def step(state, _):
+            action = dist.mode(policy_logits(runner.params, runner.normalizer, state.obs))
+            return eval_env.step(state, action), None
+
+        state = eval_env.reset(jax.random.split(key_reset, args.num_eval_envs))
+        state, _ = jax.lax.scan(step, state, length=args.episode_length // args.action_repeat)
+        return runner._replace(key=key), state.info["eval_metrics"].episode_metrics["reward"].mean()
+
+    def period(runner: RunnerState, num_period_updates) -> tuple[RunnerState, jax.Array]:
+        # A traced update count (a while loop), so periods of any length share one compiled body.
+        runner = jax.lax.fori_loop(0, num_period_updates, lambda _, r: ppo_update(r), runner)
+        return evaluate(runner)
+
+    def train(keys):
+        runners = jax.vmap(init)(keys)
+
+        def run_period(runners, inputs):
+            index, num_period_updates = inputs
+            runners, returns = jax.vmap(period, (0, None))(runners, num_period_updates)
+            if on_eval is not None:
+                jax.debug.callback(on_eval, index, returns, ordered=True)
+            return runners, returns
+
+        inputs = (jnp.arange(args.num_evals + 1), jnp.asarray(updates_per_period))
+        return jax.lax.scan(run_period, runners, inputs)
+
+    return train
+
+
+# ================================================================================================
+# Optimizers
+# ================================================================================================
+
+
+def make_optimizer(name: OptimizerName, args: Args) -> optax.GradientTransformation:
+    """adam/rmsprop/sgd at --learning-rate (optional global-norm clip, as Brax's max_grad_norm); lopt as in the paper."""
+    if name == "lopt":
+        from train_lopt import load_optimizer  # noqa: PLC0415 (imported only when a learned optimizer is used)
+
+        if not args.lopt_path:
+            raise UserError("--optimizers lopt needs --lopt-path <optimizer.msgpack> (from train_lopt.py)")
+        return load_optimizer(args.lopt_path, learning_rate=args.lopt_lr, grad_clip=args.lopt_grad_clip)
+    tx = {"adam": optax.adam, "rmsprop": optax.rmsprop, "sgd": optax.sgd}[name](args.learning_rate)
+    return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), tx) if args.max_grad_norm else tx
+
+
+# ================================================================================================
+# Outputs
+# ================================================================================================
+
+
+def format_duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f}m" if seconds >= 60 else f"{seconds:.0f}s"
+
+
+class ProgressPrinter:
+    """on_eval callback: one progress line per evaluation, timed from the first one (after compilation)."""
+
+    def __init__(self, name: str, env_steps_at_eval: np.ndarray, num_seeds: int):
+        self.name, self.env_steps_at_eval, self.num_seeds = name, env_steps_at_eval, num_seeds
+        self.first_eval_time: float | None = None
+
+    def __call__(self, index, returns) -> None:
+        index, now = int(index), time.time()
+        steps, total = int(self.env_steps_at_eval[index]), int(self.env_steps_at_eval[-1])
+        if self.first_eval_time is None:
+            self.first_eval_time = now
+            rate_text, eta_text = "", ""
+        else:
+            rate = self.num_seeds * steps / (now - self.first_eval_time)
+            rate_text = f" | {rate:,.0f} env steps/s"
+            eta_text = f" | ETA {format_duration(self.num_seeds * (total - steps) / rate)}"
+        returns = np.asarray(returns)
+        print(f"[{self.name}] {steps:,}/{total:,} env steps x {self.num_seeds} seeds{rate_text} | eval return "
+              f"{returns.mean():.1f} +- {returns.std():.1f}{eta_text}", flush=True)
+
+
+def write_returns_csv(path: str, curves: dict[str, np.ndarray], env_steps: np.ndarray) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["optimizer", "seed", "env_steps", "eval_return"])
+        for name, returns in curves.items():  # returns: [num_evals + 1, num_seeds]
+            for seed in range(returns.shape[1]):
+                for steps, value in zip(env_steps, returns[:, seed]):
+                    writer.writerow([name, seed, int(steps), f"{value:.4f}"])
+
+
+def plot_returns(path: str, curves: dict[str, np.ndarray], env_steps: np.ndarray, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, returns in curves.items():
+        mean, std = returns.mean(1), returns.std(1)
+        (line,) = ax.plot(env_steps, mean, label=f"{name} ({returns.shape[1]} seeds)")
+        ax.fill_between(env_steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="env steps", ylabel="eval return (mean +- std over seeds)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def format_summary_table(summary: dict) -> str:
+    lines = [f"{'optimizer':<10}{'final return':>22}{'wall time':>11}{'env steps/s':>13}"]
+    for name, s in summary.items():
+        final = f"{s['final_return_mean']:.1f} +- {s['final_return_std']:.1f}"
+        lines.append(f"{name:<10}{final:>22}{format_duration(s['wall_time_s']):>11}{s['env_steps_per_s']:>13,.0f}")
+    return "\n".join(lines)
+
+
+# ================================================================================================
+# Main
+# ================================================================================================
+
+
+def run_optimizer(name: str, args: Args, env: envs.Env, optimizer, keys) -> tuple[np.ndarray, dict]:
+    """Compile and run one optimizer's PPO runs; returns eval returns [num_evals + 1, num_seeds] and timings."""
+    env_steps_at_eval = eval_schedule(args)[1]
+    progress = ProgressPrinter(name, env_steps_at_eval, args.num_seeds)
+    train = make_train(args, env, optimizer, on_eval=progress)
+    start = time.time()
+    compiled = jax.jit(train).lower(keys).compile()
+    compile_s = time.time() - start
+    print(f"[{name}] compiled in {compile_s:.0f}s", flush=True)
+    _, returns = compiled(keys)
+    returns = np.asarray(jax.device_get(returns))
+    end = time.time()
+    # Throughput from the first evaluation on: that excludes compilation and the environments' first reset.
+    timed_steps = args.num_seeds * int(env_steps_at_eval[-1])
+    final = returns[-1]
+    return returns, {
+        "final_return_mean": float(final.mean()),
+        "final_return_std": float(final.std()),
+        "final_returns": [float(r) for r in final],
+        "wall_time_s": end - start,
+        "compile_s": compile_s,
+        "env_steps_per_s": timed_steps / max(end - progress.first_eval_time, 1e-9),
+    }
+
+
+def main(args: Args) -> None:
+    check_settings(args)
+    optimizers = {name: make_optimizer(name, args) for name in args.optimizers}  # checkpoints load before compiling
+    env = envs.get_environment(args.env, backend=args.backend)
+    folder = os.path.join(args.out_dir, args.run_name or f"brax_{args.env}_{args.backend}_s{args.seed}")
+    os.makedirs(folder, exist_ok=True)
+    keys = jax.random.split(jax.random.PRNGKey(args.seed), args.num_seeds)  # the same seeds for every optimizer
+    print(f"PPO on {args.env} ({args.backend}): {args.total_timesteps:,} env steps x {args.num_seeds} seeds per "
+          f"optimizer; {args.num_envs} envs, minibatches of {args.batch_size} x {args.unroll_length} steps")
+
+    curves, summary = {}, {}
+    env_steps = eval_schedule(args)[1]
+    for name, optimizer in optimizers.items():
+        curves[name], summary[name] = run_optimizer(name, args, env, optimizer, keys)
+        # Written after every optimizer, so an interrupted comparison keeps what finished.
+        write_returns_csv(os.path.join(folder, "returns.csv"), curves, env_steps)
+        plot_returns(os.path.join(folder, "returns.png"), curves, env_steps, f"PPO on {args.env} ({args.backend})")
+        with open(os.path.join(folder, "summary.json"), "w") as f:
+            json.dump({"env": args.env, "backend": args.backend, "optimizers": summary,
+                       "env_steps_per_seed": int(env_steps[-1]), "num_seeds": args.num_seeds,
+                       "settings": dataclasses.asdict(args), "command": "python eval_brax.py " + " ".join(sys.argv[1:])},
+                      f, indent=2)
+    print(format_summary_table(summary))
+    print(f"wrote {folder}/returns.csv, returns.png, summary.json")
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args()))
