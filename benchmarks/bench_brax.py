@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -91,7 +92,7 @@ def run_brax(ppo_args: eb.Args, env, seed: int) -> dict:
     )
     steady_sps = [m["training/sps"] for _, m in epochs[2:]]  # epochs[0]: initial eval; epochs[1]: with compile
     return {"final_return": epochs[-1][1]["eval/episode_reward"], "env_steps": epochs[-1][0],
-            "sps": float(np.median(steady_sps)), "wall_s": time.time() - start,
+            "sps": float(np.median(steady_sps)), "epoch_sps": steady_sps, "wall_s": time.time() - start,
             "curve": [(s, m["eval/episode_reward"]) for s, m in epochs]}
 
 
@@ -116,13 +117,15 @@ class OurTrainer:
         # Periods 2..K: period 1 follows the first evaluation, which can still carry one-off start-up work.
         period_sps = np.diff(self.env_steps)[1:] / np.diff(ends)[1:]
         return {"final_return": float(returns[-1]), "env_steps": int(self.env_steps[-1]),
-                "sps": float(np.median(period_sps)), "wall_s": time.time() - start,
+                "sps": float(np.median(period_sps)), "epoch_sps": period_sps.tolist(), "wall_s": time.time() - start,
                 "after_first_eval_s": float(ends[-1] - ends[0]), "curve": list(zip(self.env_steps.tolist(),
                                                                                     returns.tolist()))}
 
 
 def main(bench: BenchArgs) -> None:
     patch_brax_trainer()
+    # Brax's trainer compiles again at every call; with this cache, seeds after the first load its program.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "jax_cache_bench_brax"))
     ppo_args = eb.parse_args(["--env", bench.env, "--backend", bench.backend, "--num-seeds", "1",
                               "--num-evals", str(bench.num_evals), "--num-eval-envs", str(bench.num_eval_envs)])
     eb.check_settings(ppo_args)
