@@ -274,6 +274,25 @@ def load_optimizer(path: str, learning_rate: float | None = None, grad_clip: flo
 # ================================================================================================
 
 
+class Conv2x2(nn.Module):
+    """`nn.Conv(features, (2, 2))` (SAME padding, same parameters and init), computed as patches @ kernel.
+
+    Agents are vmapped with one kernel each, which XLA:CPU lowers to a grouped convolution: A2C on the big
+    grids ran 10x slower with nn.Conv than with this matmul form (4 seeds x 32 envs, 733 vs 7,182 steps/s).
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):  # (batch, H, W, C)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        height, width = x.shape[1:3]
+        padded = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))  # SAME for a 2x2 kernel pads after, by one
+        patches = jnp.concatenate([padded[:, i : i + height, j : j + width] for i in (0, 1) for j in (0, 1)], -1)
+        return patches @ kernel.reshape(-1, self.features) + bias
+
+
 class ActorCritic(nn.Module):
     """PAPER_NOTES agents. small: MLP(32); big: Conv(16, 2x2) on (H, W, C) planes then MLP(32); catch: MLP(256)."""
 
@@ -284,7 +303,7 @@ class ActorCritic(nn.Module):
     def __call__(self, obs):  # obs: (batch, *observation_shape)
         x = obs.astype(jnp.float32)
         if self.kind == "big":
-            x = nn.relu(nn.Conv(16, (2, 2))(x))
+            x = nn.relu(Conv2x2(16)(x))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(256 if self.kind == "catch" else 32)(x))
         return nn.Dense(self.num_actions)(x), nn.Dense(1)(x)[:, 0]

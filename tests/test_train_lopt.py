@@ -306,6 +306,19 @@ def test_lambda_returns_batched():
         np.testing.assert_allclose(out[:, e], lambda_return_reference(r[:, e], d[:, e], v[:, e], 0.9, 0.8), rtol=1e-5)
 
 
+def test_conv2x2_matches_flax_conv():
+    """Conv2x2 is nn.Conv(F, (2, 2)) with SAME padding, computed as a matmul: same parameters, same output."""
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 7, 4))  # odd, non-square grid: padding edges matter
+    ours = tl.Conv2x2(6)
+    params = ours.init(jax.random.PRNGKey(1), x)
+    params["params"]["bias"] = jax.random.normal(jax.random.PRNGKey(2), (6,))
+    ref = nn.Conv(6, (2, 2)).apply(params, x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, nn.Conv(6, (2, 2)).init(jax.random.PRNGKey(1), x))
+    np.testing.assert_allclose(ours.apply(params, x), ref, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # 6. Meta-gradient against finite differences (float64)
 # ------------------------------------------------------------------------------------------------
