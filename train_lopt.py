@@ -30,6 +30,7 @@ import tyro
 from flax import serialization, struct
 from gymnax.wrappers.purerl import LogWrapper
 from jax.flatten_util import ravel_pytree
+from jax.sharding import NamedSharding, PartitionSpec
 
 from common import (
     ENV_GROUPS,
@@ -90,10 +91,14 @@ class Args:
     """skip meta-training; evaluate --lopt-path on the group"""
     lopt_path: str | None = None
     eval_seeds: int = 4
-    eval_steps: int = 20_000
+    eval_steps: int = 100_000
     """environment steps per evaluation agent"""
+    eval_envs: int = 32
+    """environment streams per evaluation agent (meta-training uses --num-envs)"""
     max_bad_steps: int = 10
     """stop after this many consecutive non-finite meta-gradients"""
+    distributed: bool = False
+    """multi-host: call jax.distributed.initialize() (one process per host; see the README)"""
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -477,9 +482,20 @@ class MetaState(struct.PyTreeNode):
     key: jax.Array
 
 
+def population_sharding(size: int, flag: str) -> NamedSharding:
+    """Split a leading axis of `size` agents (or seeds) evenly over all visible devices, on all hosts."""
+    devices = jax.device_count()
+    if size % devices:
+        raise UserError(f"{flag} {size} must be a multiple of the device count ({devices})")
+    # Auto axis: XLA propagates the split through the vmapped agents and inserts the meta-gradient's all-reduce.
+    mesh = jax.make_mesh((devices,), ("population",), axis_types=(jax.sharding.AxisType.Auto,))
+    return NamedSharding(mesh, PartitionSpec("population"))
+
+
 class MetaTrain(NamedTuple):
-    init: Any  # key -> MetaState
+    init: Any  # jitted: key -> MetaState
     meta_step: Any  # jitted: MetaState -> (MetaState, metrics); donates its argument
+    state_sharding: Any  # where MetaState lives: populations split over devices, the rest replicated
     population_meta_loss: Any  # (lopt_params, task, population, key, meta_step) -> (loss, aux)
     net: nn.Module
     tasks: tuple
@@ -490,6 +506,7 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
 
     meta_step is one jitted function over all tasks: per task, the population is vmapped; tasks have
     different observation and network shapes, so they are separate branches of the same program.
+    The population axis is sharded over all devices; XLA all-reduces the meta-gradient's mean over agents.
     """
     tasks = tuple(Task.make(name, args) for name in task_names)
     net = make_lopt_net(lopt_config(args))
@@ -559,7 +576,18 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
         new_state = MetaState(state.meta_step + 1, lopt_params, meta_opt_state, tuple(populations), key)
         return new_state, dict(tasks=metrics, grad_finite=all_finite(grad))
 
-    return MetaTrain(init, jax.jit(meta_step, donate_argnums=0), population_meta_loss, net, tasks)
+    population = population_sharding(args.num_agents, "--num-agents")
+    replicated = NamedSharding(population.mesh, PartitionSpec())
+    # A pytree prefix of MetaState: one sharding per field, applied to every leaf below it.
+    state_sharding = MetaState(replicated, replicated, replicated, population, replicated)
+    return MetaTrain(
+        jax.jit(init, out_shardings=state_sharding),
+        jax.jit(meta_step, out_shardings=(state_sharding, replicated), donate_argnums=0),
+        state_sharding,
+        population_meta_loss,
+        net,
+        tasks,
+    )
 
 
 def env_steps_per_meta_step(args: Args) -> int:
@@ -579,12 +607,18 @@ def run_dir(args: Args) -> str:
 def resume_settings(args: Args) -> dict:
     """Settings that must not change when a run is resumed (meta_steps may grow)."""
     skip = {"resume", "meta_steps", "save_every", "log_every", "eval_only", "lopt_path", "eval_seeds", "eval_steps",
-            "max_bad_steps", "out_dir", "run_name"}
+            "eval_envs", "max_bad_steps", "out_dir", "run_name"}
     return {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
 
 
 def save_checkpoint(folder: str, args: Args, state: MetaState, init_params, bad_steps: int) -> None:
     """Two atomic files: optimizer.msgpack (what users load) and train_state.msgpack (what --resume needs)."""
+    if jax.process_count() > 1:  # multi-host: every process gathers the sharded population, process 0 writes
+        from jax.experimental import multihost_utils
+
+        state = multihost_utils.process_allgather(state)
+        if jax.process_index() != 0:
+            return
     save_msgpack(
         os.path.join(folder, "train_state.msgpack"),
         {"settings": json.dumps(resume_settings(args)), "state": state, "bad_steps": bad_steps},
@@ -613,7 +647,6 @@ def load_train_state(folder: str, args: Args, template: MetaState) -> tuple[Meta
         state = serialization.from_state_dict(template, tree["state"])
     except (ValueError, KeyError) as error:
         raise UserError(f"cannot resume {path}: state does not match ({error})")
-    state = jax.tree.map(jnp.asarray, state)
     return state, int(tree.get("bad_steps", 0))
 
 
@@ -646,15 +679,16 @@ def make_a2c_train(task: Task, make_tx, num_updates: int, random_policy: bool = 
     return train
 
 
-def final_return(return_sum, return_count) -> float:
-    """Mean over seeds of the mean return of episodes ending in the last FINAL_FRACTION of updates."""
+def final_returns(return_sum, return_count) -> np.ndarray:
+    """Per seed: the mean return of the episodes ending in the last FINAL_FRACTION of updates (NaN if none)."""
     tail = max(1, int(round(return_sum.shape[-1] * FINAL_FRACTION)))
     s, c = np.asarray(return_sum)[..., -tail:].sum(-1), np.asarray(return_count)[..., -tail:].sum(-1)
-    return float(np.mean(np.where(c > 0, s / np.maximum(c, 1), np.nan)))
+    return np.where(c > 0, s / np.maximum(c, 1), np.nan)
 
 
 def evaluate(args: Args, task_names, config: dict, lopt_params, init_params, log=print) -> dict:
-    """Train args.eval_seeds fresh agents per task and optimizer; return {task: {name: final return}}."""
+    """Train args.eval_seeds fresh agents per task and optimizer; return {task: {name: per-seed final returns}}."""
+    args = dataclasses.replace(args, num_envs=args.eval_envs)
     num_updates = max(1, args.eval_steps // (args.rollout_steps * args.num_envs))
     net = make_lopt_net(config)
     lopt_tx = lambda p: with_grad_clip(learned_optimizer(net, p, config["lopt_lr"]), config["grad_clip"])  # noqa: E731
@@ -662,57 +696,78 @@ def evaluate(args: Args, task_names, config: dict, lopt_params, init_params, log
         "adam": lambda _: with_grad_clip(optax.adam(BASELINE_LRS["adam"]), args.grad_clip),
         "rmsprop": lambda _: with_grad_clip(optax.rmsprop(BASELINE_LRS["rmsprop"]), args.grad_clip),
     }
+    seed_sharding = population_sharding(args.eval_seeds, "--eval-seeds")
     results = {}
     for task_index, name in enumerate(task_names):
         task = Task.make(name, args)
-        keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed + 1000), task_index), args.eval_seeds)
-        run = lambda make_tx, params, random_policy=False: final_return(  # noqa: E731
+        task_key = jax.random.fold_in(jax.random.PRNGKey(args.seed + 1000), task_index)
+        # Seeds split over devices like the population (a jitted split also places them on every host).
+        keys = jax.jit(lambda k: jax.random.split(k, args.eval_seeds), out_shardings=seed_sharding)(task_key)
+        run = lambda make_tx, params, random_policy=False: final_returns(  # noqa: E731
             *jax.jit(jax.vmap(make_a2c_train(task, make_tx, num_updates, random_policy), (0, None)))(keys, params)
         )
         start = time.time()
         lopt_train = jax.jit(jax.vmap(make_a2c_train(task, lopt_tx, num_updates), (0, None)))
         results[name] = {
-            "lopt": final_return(*lopt_train(keys, lopt_params)),
-            "lopt_init": final_return(*lopt_train(keys, init_params)),
+            "lopt": final_returns(*lopt_train(keys, lopt_params)),
+            "lopt_init": final_returns(*lopt_train(keys, init_params)),
             **{b: run(make_tx, None) for b, make_tx in baselines.items()},
             "random": run(baselines["adam"], None, True),
         }
-        log(f"  eval {name}: {time.time() - start:.0f}s " + " ".join(f"{k}={v:.2f}" for k, v in results[name].items()))
+        log(f"  eval {name}: {time.time() - start:.0f}s "
+            + " ".join(f"{k}={np.mean(v):.2f}+-{np.std(v):.2f}" for k, v in results[name].items()))
     return results
 
 
 def normalized(r: dict, name: str) -> float:
-    """(R - R_random) / (R_adam - R_random)."""
-    return (r[name] - r["random"]) / (r["adam"] - r["random"] + 1e-8)
+    """(R - R_random) / (R_adam - R_random), on seed means."""
+    mean = {k: float(np.mean(v)) for k, v in r.items()}
+    return (mean[name] - mean["random"]) / (mean["adam"] - mean["random"] + 1e-8)
+
+
+def adam_beats_random(r: dict) -> bool:
+    """Whether Adam's margin over the random policy exceeds twice its standard error over seeds.
+
+    Where it does not, Adam has not learned the task within the evaluation budget, and a return
+    normalised by that margin is noise: such tasks are reported but left out of the informative mean.
+    """
+    adam, rand = np.asarray(r["adam"]), np.asarray(r["random"])
+    stderr = np.sqrt(np.var(adam, ddof=1) / adam.size + np.var(rand, ddof=1) / rand.size) if adam.size > 1 else 0.0
+    return bool(np.mean(adam) - np.mean(rand) > 2 * stderr)
 
 
 def format_eval_table(results: dict) -> str:
     header = f"{'task':<20}" + "".join(f"{n:>10}" for n in EVAL_NAMES) + f"{'norm lopt':>11}{'norm init':>11}"
     lines = [header]
     for task, r in results.items():
+        note = "" if adam_beats_random(r) else "  (Adam ~ random: not informative)"
         lines.append(
-            f"{task:<20}" + "".join(f"{r[n]:>10.2f}" for n in EVAL_NAMES)
-            + f"{normalized(r, 'lopt'):>11.2f}{normalized(r, 'lopt_init'):>11.2f}"
+            f"{task:<20}" + "".join(f"{np.mean(r[n]):>10.2f}" for n in EVAL_NAMES)
+            + f"{normalized(r, 'lopt'):>11.2f}{normalized(r, 'lopt_init'):>11.2f}" + note
         )
-    mean_lopt = np.mean([normalized(r, "lopt") for r in results.values()])
-    mean_init = np.mean([normalized(r, "lopt_init") for r in results.values()])
-    wins = sum(r["lopt"] > r["lopt_init"] for r in results.values())
-    lines.append(f"mean normalised return: lopt {mean_lopt:.2f}, lopt_init {mean_init:.2f}; "
-                 f"lopt beats lopt_init on {wins}/{len(results)} tasks")
+    wins = sum(np.mean(r["lopt"]) > np.mean(r["lopt_init"]) for r in results.values())
+    lines.append(f"lopt beats lopt_init on {wins}/{len(results)} tasks")
+    for label, subset in (("all tasks", results), ("tasks where Adam beats random", {
+        t: r for t, r in results.items() if adam_beats_random(r)})):
+        if subset:
+            lopt = np.mean([normalized(r, "lopt") for r in subset.values()])
+            init = np.mean([normalized(r, "lopt_init") for r in subset.values()])
+            lines.append(f"mean normalised return over {label} ({len(subset)}): lopt {lopt:.2f}, lopt_init {init:.2f}")
     return "\n".join(lines)
 
 
 def write_eval(folder: str, args: Args, results: dict, lopt_path: str) -> None:
     # NaN (no episode ended in the final window) is written as null: JSON has no NaN.
-    results = {t: {n: (None if v != v else v) for n, v in r.items()} for t, r in results.items()}
+    finite = lambda v: None if v != v else float(v)  # noqa: E731
     report = {
-        "envs": results,
-        "normalized": {
-            t: {n: normalized(r, n) for n in ("lopt", "lopt_init", "rmsprop")} if None not in r.values() else None
-            for t, r in results.items()
-        },
+        "envs": {t: {n: finite(np.mean(v)) for n, v in r.items()} for t, r in results.items()},
+        "seed_std": {t: {n: finite(np.std(v)) for n, v in r.items()} for t, r in results.items()},
+        "normalized": {t: {n: finite(normalized(r, n)) for n in ("lopt", "lopt_init", "rmsprop")}
+                       for t, r in results.items()},
+        "adam_beats_random": {t: adam_beats_random(r) for t, r in results.items()},
         "eval_seeds": args.eval_seeds,
         "eval_steps": args.eval_steps,
+        "eval_envs": args.eval_envs,
         "lopt_path": lopt_path,
     }
     os.makedirs(folder, exist_ok=True)
@@ -759,13 +814,14 @@ def format_duration(seconds: float) -> str:
 
 
 def meta_train(args: Args, task_names, folder: str) -> tuple[Any, Any]:
-    init, meta_step, *_ = make_meta_train(args, task_names)
+    init, meta_step, state_sharding, *_ = make_meta_train(args, task_names)
     state = init(jax.random.PRNGKey(args.seed))
     init_params = jax.device_get(state.lopt_params)  # a host copy: meta_step donates the state's buffers
     bad_steps_total = 0
     metrics_path = os.path.join(folder, "metrics.csv")
     if args.resume:
         state, bad_steps_total = load_train_state(folder, args, state)
+        state = jax.jit(lambda s: s, out_shardings=state_sharding)(state)  # host arrays -> sharded, on every host
         start = int(state.meta_step)
         if os.path.exists(metrics_path):  # drop rows logged after the checkpoint
             with open(metrics_path) as f:
@@ -839,6 +895,8 @@ def meta_train(args: Args, task_names, folder: str) -> tuple[Any, Any]:
 
 
 def main(args: Args) -> None:
+    if args.distributed:
+        jax.distributed.initialize()  # reads the coordinator, process count and index from the environment
     task_names = ENV_GROUPS[args.env_group]
     folder = run_dir(args)
     if args.eval_only:

@@ -52,7 +52,7 @@ from train_lopt import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("catch",)  # catch: cheapest to compile, and its 9-step episodes end inside tiny evaluations
 TINY = dict(env_group="catch", num_agents=2, num_envs=1, rollout_steps=4, inner_updates=2, hidden_size=8,
-            meta_steps=2, save_every=1, log_every=1, eval_seeds=2, eval_steps=64, seed=0)
+            meta_steps=2, save_every=1, log_every=1, eval_seeds=2, eval_steps=64, eval_envs=1, seed=0)
 SIGN_SGD = 1.0 / math.sqrt(1.0 + 1e-8)  # Optim4RL at initialisation: sign(g) / sqrt(exp(0) + 1e-8)
 
 
@@ -571,6 +571,37 @@ def test_non_finite_meta_gradients_stop_the_run(tmp_path):
     tx = load_optimizer(os.path.join(folder, "optimizer.msgpack"), learning_rate=0.1)
     g = {"w": jnp.array([1.0, -1.0])}
     np.testing.assert_allclose(tx.update(g, tx.init(g))[0]["w"], [-0.1 * SIGN_SGD, 0.1 * SIGN_SGD], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# 11b. Sharding: the result does not depend on the device count
+# ------------------------------------------------------------------------------------------------
+
+
+def test_two_devices_match_one(trained, tmp_path):
+    """The tiny run on 2 simulated CPU devices (population split 1 + 1) ends with the 1-device meta-parameters."""
+    script = f"""
+import dataclasses, jax, train_lopt as tl
+from common import UserError
+assert jax.device_count() == 2, jax.devices()
+try:
+    tl.make_meta_train(dataclasses.replace(tl.Args(), num_agents=3), ("catch",))
+except UserError as error:
+    print("uneven:", error)
+args = dataclasses.replace(tl.Args(), **{TINY!r}, out_dir={str(tmp_path)!r})
+tl.meta_train(args, {TASKS!r}, {str(tmp_path)!r})
+"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, text=True, capture_output=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "uneven: --num-agents 3 must be a multiple of the device count (2)" in proc.stdout
+    two = read_optimizer_checkpoint(os.path.join(str(tmp_path), "optimizer.msgpack"))
+    assert two["meta_step"] == trained.args.meta_steps
+    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(jax.tree.leaves(two["params"]),
+                                                                        jax.tree.leaves(two["init_params"]))]
+    assert max(moved) > 1e-4  # it did train: equality is not two untouched initialisations
+    leaves_equal(two["params"], trained.lopt_params, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
