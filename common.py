@@ -21,6 +21,10 @@ import numpy as np
 from flax import serialization, struct
 from gymnax.environments import environment, spaces
 
+# The optimizer that ships with the repository: Optim4RL meta-trained on the gridworld group (README).
+PRETRAINED_OPTIMIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints",
+                                    "optim4rl_gridworld.msgpack")
+
 # ----------------------------------------------------------------------------------------------
 # Gridworlds
 # ----------------------------------------------------------------------------------------------

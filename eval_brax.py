@@ -35,7 +35,7 @@ from brax.training.acme import running_statistics, specs
 from brax.training.agents.ppo import losses as brax_ppo_losses
 from brax.training.agents.ppo import networks as brax_ppo_networks
 
-from common import UserError, run_cli
+from common import PRETRAINED_OPTIMIZER, UserError, run_cli
 
 OptimizerName = Literal["adam", "rmsprop", "sgd", "lopt"]
 
@@ -51,8 +51,8 @@ class Args:
     """'cpu': Brax's PPO settings scaled to a few CPU cores; 'paper': Brax's published settings and budget"""
     optimizers: tuple[OptimizerName, ...] = ("adam", "lopt")
     """optimizers to compare, trained one after another with the same PPO settings and seeds"""
-    lopt_path: str | None = None
-    """learned-optimizer checkpoint (optimizer.msgpack from train_lopt.py)"""
+    lopt_path: str = PRETRAINED_OPTIMIZER
+    """learned-optimizer checkpoint (optimizer.msgpack from train_lopt.py); default: the one shipped in checkpoints/"""
     lopt_lr: float = 3e-4
     """learning rate multiplying the learned optimizer's output (the paper: 3e-4)"""
     lopt_grad_clip: float = 1.0
@@ -334,8 +334,6 @@ def make_optimizer(name: OptimizerName, args: Args) -> optax.GradientTransformat
     if name == "lopt":
         from train_lopt import load_optimizer  # noqa: PLC0415 (imported only when a learned optimizer is used)
 
-        if not args.lopt_path:
-            raise UserError("--optimizers lopt needs --lopt-path <optimizer.msgpack> (from train_lopt.py)")
         return load_optimizer(args.lopt_path, learning_rate=args.lopt_lr, grad_clip=args.lopt_grad_clip)
     tx = {"adam": optax.adam, "rmsprop": optax.rmsprop, "sgd": optax.sgd}[name](args.learning_rate)
     return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), tx) if args.max_grad_norm else tx

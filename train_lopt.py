@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from common import (
     ENV_GROUPS,
+    PRETRAINED_OPTIMIZER,
     REWARD_SCALES,
     UserError,
     agent_kind,
@@ -89,7 +90,8 @@ class Args:
     log_every: int = 10
     eval_only: bool = False
     """skip meta-training; evaluate --lopt-path on the group"""
-    lopt_path: str | None = None
+    lopt_path: str | None = PRETRAINED_OPTIMIZER
+    """checkpoint for --eval-only; default: the optimizer shipped in checkpoints/"""
     eval_seeds: int = 4
     eval_steps: int = 100_000
     """environment steps per evaluation agent"""

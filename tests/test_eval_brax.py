@@ -97,7 +97,6 @@ CLI_CASES = {
     "missing_ckpt": (["--lopt-path", "/nonexistent/optimizer.msgpack"], "/nonexistent/optimizer.msgpack"),
     "corrupt_ckpt": (["--lopt-path", "{corrupt}"], "{corrupt}"),
     "foreign_ckpt": (["--lopt-path", "{foreign}"], "{foreign}"),
-    "lopt_without_path": ([], "--lopt-path"),
     "bad_batch": (["--optimizers", "adam", "--num-envs", "3"], "--num-envs"),
 }
 

@@ -634,7 +634,32 @@ def test_main_end_to_end(tmp_path):
 
 def test_eval_only_needs_lopt_path(tmp_path):
     with pytest.raises(UserError, match="--lopt-path"):
-        tl.main(tiny_args(out_dir=str(tmp_path), eval_only=True))
+        tl.main(tiny_args(out_dir=str(tmp_path), eval_only=True, lopt_path=None))
+
+
+def test_shipped_checkpoint_is_the_default_and_steps_under_jit():
+    """checkpoints/optim4rl_gridworld.msgpack: the default --lopt-path; it records how it was trained and,
+    loaded through load_optimizer, takes finite, non-zero jitted steps inside optax.chain."""
+    assert Args().lopt_path == tl.PRETRAINED_OPTIMIZER and os.path.exists(tl.PRETRAINED_OPTIMIZER)
+    ckpt = read_optimizer_checkpoint(tl.PRETRAINED_OPTIMIZER)
+    assert ckpt["config"]["lopt"] == "optim4rl" and ckpt["meta_step"] > 0
+    saved = load_msgpack(tl.PRETRAINED_OPTIMIZER)
+    assert saved["command"].startswith("python train_lopt.py") and json.loads(saved["settings"])["env_group"] == "gridworld"
+    tx = optax.chain(load_optimizer(tl.PRETRAINED_OPTIMIZER), optax.scale(1.0))
+    params = {"w": jnp.linspace(-1.0, 1.0, 7), "b": jnp.zeros(())}
+    grads = {"w": jnp.array([1e-6, -1e-4, 1e-2, 0.0, 1.0, -1.0, 5.0]), "b": jnp.array(3e-3)}
+
+    @jax.jit
+    def step(params, state):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    new_params, state = step(params, tx.init(params))
+    new_params, state = step(new_params, state)
+    delta = np.asarray(new_params["w"] - params["w"])
+    assert np.all(np.isfinite(delta)) and tree_finite(state)
+    nonzero = np.asarray(grads["w"]) != 0
+    assert np.all(np.sign(delta[nonzero]) == -np.sign(np.asarray(grads["w"])[nonzero]))  # Optim4RL: m follows sign(g)
 
 
 # ------------------------------------------------------------------------------------------------
