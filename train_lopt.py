@@ -100,7 +100,12 @@ class Args:
     max_bad_steps: int = 10
     """stop after this many consecutive non-finite meta-gradients"""
     distributed: bool = False
-    """multi-host: call jax.distributed.initialize() (one process per host; see the README)"""
+    """multi-host: call jax.distributed.initialize() first (one process per host; auto-detected under SLURM or
+    Open MPI, otherwise give the three flags below)"""
+    coordinator_address: str | None = None
+    """multi-host: host:port of process 0"""
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -217,6 +222,9 @@ def init_lopt_params(net: nn.Module, key: jax.Array):
     return net.init(key, initial_carry(net, 1), jnp.zeros(1))
 
 
+LOPT_CHUNK = 4096  # coordinates per chunk of the optimizer network (per agent); see learned_optimizer
+
+
 class LearnedOptState(NamedTuple):
     carry: tuple[jax.Array, ...]  # per-coordinate recurrent state, each (num_coordinates, hidden_size)
 
@@ -227,12 +235,18 @@ def learned_optimizer(net: nn.Module, lopt_params, learning_rate: float) -> opta
     def init(params):
         return LearnedOptState(initial_carry(net, ravel_pytree(params)[0].size))
 
+    def apply_one(coordinate):  # (carry rows, g) of one coordinate; vmapped over a chunk by lax.map
+        carry, g = coordinate
+        carry, direction = net.apply(lopt_params, tuple(c[None] for c in carry), g[None])
+        return tuple(c[0] for c in carry), direction[0]
+
     def update(grads, state, params=None):
         del params
         flat, unravel = ravel_pytree(grads)
-        # Rematerialised: the meta-gradient's backward pass keeps only the inputs of each step, not the
-        # GRU gate activations of every coordinate (several times the memory of the parameters).
-        carry, direction = jax.checkpoint(net.apply)(lopt_params, state.carry, flat)
+        # In chunks of coordinates, each rematerialised: the backward pass of the meta-gradient keeps only
+        # each step's inputs, and recomputes the GRU gate activations (about 200 floats per coordinate)
+        # one chunk at a time, so they stay in cache and never exist for all coordinates at once.
+        carry, direction = jax.lax.map(jax.checkpoint(apply_one), (state.carry, flat), batch_size=LOPT_CHUNK)
         return unravel(-learning_rate * direction), LearnedOptState(carry)
 
     return optax.GradientTransformation(init, update)
@@ -609,7 +623,8 @@ def run_dir(args: Args) -> str:
 def resume_settings(args: Args) -> dict:
     """Settings that must not change when a run is resumed (meta_steps may grow)."""
     skip = {"resume", "meta_steps", "save_every", "log_every", "eval_only", "lopt_path", "eval_seeds", "eval_steps",
-            "eval_envs", "max_bad_steps", "out_dir", "run_name"}
+            "eval_envs", "max_bad_steps", "out_dir", "run_name", "distributed", "coordinator_address",
+            "num_processes", "process_id"}
     return {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
 
 
@@ -898,7 +913,7 @@ def meta_train(args: Args, task_names, folder: str) -> tuple[Any, Any]:
 
 def main(args: Args) -> None:
     if args.distributed:
-        jax.distributed.initialize()  # reads the coordinator, process count and index from the environment
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     task_names = ENV_GROUPS[args.env_group]
     folder = run_dir(args)
     if args.eval_only:
