@@ -129,7 +129,7 @@ def run_child(group: str, agents: int, bench: BenchArgs) -> dict:
         return dict(group=group, agents=agents, error=f"timed out after {bench.timeout}s")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        why = "killed (out of memory?)" if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+        why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
         return dict(group=group, agents=agents, error=f"exit {proc.returncode}: {why}")
     return json.loads(lines[-1])
 
