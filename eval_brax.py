@@ -3,7 +3,7 @@
 Does an optimizer meta-trained only on gridworlds (train_lopt.py) train Brax robots? Every optimizer
 gets the same PPO settings and the same seeds, one after another, in one invocation:
 
-    python eval_brax.py --env inverted_double_pendulum --optimizers adam lopt --lopt-path runs/<run>/optimizer.msgpack
+    python eval_brax.py --env inverted_double_pendulum --optimizers adam lopt   # lopt: checkpoints/optim4rl_gridworld.msgpack
     python eval_brax.py --env ant --backend spring --preset paper --optimizers adam lopt --lopt-path ...
 
 Reading order: settings and presets -> PPO (rollout, loss, update, evaluation; `make_train` returns one

@@ -2,7 +2,7 @@
 
     python train_lopt.py --env-group gridworld             # CPU-sized default run
     python train_lopt.py --env-group gridworld --preset paper   # the paper's scale, for an accelerator
-    python train_lopt.py --env-group gridworld --eval-only --lopt-path runs/<run>/optimizer.msgpack
+    python train_lopt.py --env-group gridworld --eval-only       # evaluate the shipped checkpoint (or --lopt-path P)
 
 Reading order: gradient processing -> learned optimizers (coordinate-wise flax modules, wrapped as an
 optax GradientTransformation) -> A2C inner learner -> pipeline-trained agent population -> meta-step
