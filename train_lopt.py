@@ -714,13 +714,13 @@ def evaluate(args: Args, task_names, config: dict, lopt_params, init_params, log
         "adam": lambda _: with_grad_clip(optax.adam(BASELINE_LRS["adam"]), args.grad_clip),
         "rmsprop": lambda _: with_grad_clip(optax.rmsprop(BASELINE_LRS["rmsprop"]), args.grad_clip),
     }
-    seed_sharding = population_sharding(args.eval_seeds, "--eval-seeds")
+    # Seeds split over devices like the population (a jitted split also places them on every host).
+    split_seeds = jax.jit(lambda k: jax.random.split(k, args.eval_seeds),
+                          out_shardings=population_sharding(args.eval_seeds, "--eval-seeds"))
     results = {}
     for task_index, name in enumerate(task_names):
         task = Task.make(name, args)
-        task_key = jax.random.fold_in(jax.random.PRNGKey(args.seed + 1000), task_index)
-        # Seeds split over devices like the population (a jitted split also places them on every host).
-        keys = jax.jit(lambda k: jax.random.split(k, args.eval_seeds), out_shardings=seed_sharding)(task_key)
+        keys = split_seeds(jax.random.fold_in(jax.random.PRNGKey(args.seed + 1000), task_index))
         run = lambda make_tx, params, random_policy=False: final_returns(  # noqa: E731
             *jax.jit(jax.vmap(make_a2c_train(task, make_tx, num_updates, random_policy), (0, None)))(keys, params)
         )

@@ -96,11 +96,13 @@ def measure(group: str, agents: int, bench: BenchArgs) -> dict:
 
     @jax.jit
     def lopt_fwd_bwd(lopt_params, grads):
-        def loss(p):
-            def step(carry, g):
-                carry, direction = jax.checkpoint(net.apply)(p, carry, g)
-                return carry, jnp.sum(direction)
-            return jnp.sum(jax.lax.scan(step, tl.initial_carry(net, num_coords), grads)[1])
+        def loss(p):  # train_lopt's own optimizer transformation (chunked, rematerialised), K steps
+            tx = tl.learned_optimizer(net, p, 1.0)
+
+            def step(state, g):
+                updates, state = tx.update(g, state)
+                return state, jnp.sum(updates)
+            return jnp.sum(jax.lax.scan(step, tx.init(grads[0]), grads)[1])
         return jax.grad(loss)(lopt_params)
 
     jax.block_until_ready(lopt_fwd_bwd(lopt_params, grads))
