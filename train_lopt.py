@@ -581,10 +581,10 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
             (loss, (population, return_sum, return_count)), grad = jax.value_and_grad(
                 population_meta_loss, has_aux=True
             )(state.lopt_params, task, population, task_key, state.meta_step)
-            # Reward scales differ by up to 1e3 between tasks, so raw meta-gradients differ by up to 1e6:
-            # give each task's meta-gradient unit norm so that every task counts.
-            grad_norm = optax.tree.norm(grad)
-            grads.append(jax.tree.map(lambda g: g / (grad_norm + 1e-12), grad))
+            # Summed as they are, as in the paper: the per-task reward scales (1e0..1e3) weight the tasks, so the small
+            # grids, where agents learn within their lifetimes, dominate. Unit-norm per task gave the four big grids,
+            # whose CPU-sized agents see only noise, two thirds of the say, and the optimizer learned to shrink its steps.
+            grads.append(grad)
             populations.append(population)
             metrics.append(dict(meta_loss=loss, return_sum=return_sum.sum(), return_count=return_count.sum()))
         grad = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
