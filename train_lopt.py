@@ -814,7 +814,7 @@ def plot_metrics(csv_path: str, png_path: str) -> None:
     for t in tasks:
         axes[0].plot(steps, [float(r[f"return/{t}"]) for r in rows], label=t)
         axes[1].plot(steps, [float(r[f"meta_loss/{t}"]) for r in rows], label=t)
-    axes[0].set(xlabel="meta-step", ylabel="mean episode return (population)", title="agents during meta-training")
+    axes[0].set(xlabel="meta-step", ylabel="mean episode return (population, per log interval)", title="agents during meta-training")
     axes[1].set(xlabel="meta-step", ylabel="meta-loss", title="meta-loss per task", yscale="symlog")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -867,9 +867,12 @@ def meta_train(args: Args, task_names, folder: str) -> tuple[Any, Any]:
           f"{args.meta_steps} meta-steps, {steps_per_meta_step} env steps per meta-step")
     compile_start = time.time()
     timer_start, timer_step = None, None
+    # Summed over the meta-steps since the last log line: one meta-step ends only a few episodes per task.
+    window, step_logged = np.zeros((len(task_names), 3)), int(state.meta_step)  # per task: return sum, count, loss sum
     for step in range(int(state.meta_step), args.meta_steps):
         state, metrics = meta_step(state)
         metrics = jax.device_get(metrics)
+        window += [[m["return_sum"], m["return_count"], m["meta_loss"]] for m in metrics["tasks"]]
         if timer_start is None:  # the first step includes compilation
             print(f"compiled and ran the first meta-step in {time.time() - compile_start:.0f}s")
             timer_start, timer_step = time.time(), step + 1
@@ -882,13 +885,12 @@ def meta_train(args: Args, task_names, folder: str) -> tuple[Any, Any]:
             )
         done = step + 1
         if done % args.log_every == 0 or done == args.meta_steps:
-            returns = {
-                t: float(m["return_sum"] / max(m["return_count"], 1)) for t, m in zip(task_names, metrics["tasks"])
-            }
+            returns = {t: w[0] / max(w[1], 1) for t, w in zip(task_names, window)}
+            meta_losses = {t: w[2] / (done - step_logged) for t, w in zip(task_names, window)}
             row = {"meta_step": done, "env_steps": done * steps_per_meta_step, "time": time.time(),
                    "bad_steps": bad_steps_total}
             row.update({f"return/{t}": r for t, r in returns.items()})
-            row.update({f"meta_loss/{t}": float(m["meta_loss"]) for t, m in zip(task_names, metrics["tasks"])})
+            row.update({f"meta_loss/{t}": loss for t, loss in meta_losses.items()})
             new_file = os.path.getsize(metrics_path) == 0
             with open(metrics_path, "a", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(row))
@@ -898,13 +900,14 @@ def meta_train(args: Args, task_names, folder: str) -> tuple[Any, Any]:
             elapsed = time.time() - timer_start
             rate = (done - timer_step) / elapsed if elapsed > 0 and done > timer_step else float("nan")
             eta = (args.meta_steps - done) / rate if rate == rate and rate > 0 else float("nan")
-            mean_loss = np.mean([float(m["meta_loss"]) for m in metrics["tasks"]])
+            mean_loss = np.mean(list(meta_losses.values()))
             print(
                 f"meta-step {done}/{args.meta_steps} | {rate * steps_per_meta_step:,.0f} env steps/s | "
                 f"meta-loss {mean_loss:.3g} | return " + " ".join(f"{t}={r:.2f}" for t, r in returns.items())
                 + f" | bad {bad_steps_total} | ETA {format_duration(eta) if eta == eta else '?'}",
                 flush=True,
             )
+            window[:], step_logged = 0.0, done
         if done % args.save_every == 0 or done == args.meta_steps:
             save_checkpoint(folder, args, state, init_params, bad_steps_total)
     if os.path.getsize(metrics_path) > 0:

@@ -516,6 +516,18 @@ def test_resume_matches_uninterrupted(trained, tmp_path):
     assert [r["return/catch"] for r in rows] == [r["return/catch"] for r in read_rows(os.path.join(full, "metrics.csv"))]
 
 
+def test_logged_metrics_average_the_log_interval(trained, tmp_path):
+    """With --log-every 2 the one row holds the mean meta-loss of the two meta-steps logged singly by `trained`."""
+    folder = str(tmp_path / "run")
+    meta_train(tiny_args(meta_steps=2, log_every=2), TASKS, folder)
+    (row,) = read_rows(os.path.join(folder, "metrics.csv"))
+    single = read_rows(os.path.join(trained.folder, "metrics.csv"))
+    assert int(row["meta_step"]) == 2 and [int(r["meta_step"]) for r in single] == [1, 2]
+    losses = [float(r["meta_loss/catch"]) for r in single]
+    assert losses[0] != losses[1]  # otherwise the mean would not be told apart from either step
+    np.testing.assert_allclose(float(row["meta_loss/catch"]), np.mean(losses), rtol=1e-6)
+
+
 def test_resume_without_checkpoint_is_user_error(tmp_path):
     """--resume on a folder without a run names the missing file."""
     with pytest.raises(UserError, match="train_state.msgpack"):
