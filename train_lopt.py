@@ -223,15 +223,21 @@ def init_lopt_params(net: nn.Module, key: jax.Array):
     return net.init(key, initial_carry(net, 1), jnp.zeros(1))
 
 
-LOPT_CHUNK = 4096  # coordinates per chunk of the optimizer network (per agent); see learned_optimizer
+LOPT_CHUNK = 4096  # coordinates per chunk of the optimizer network in meta-training; see learned_optimizer
 
 
 class LearnedOptState(NamedTuple):
     carry: tuple[jax.Array, ...]  # per-coordinate recurrent state, each (num_coordinates, hidden_size)
 
 
-def learned_optimizer(net: nn.Module, lopt_params, learning_rate: float) -> optax.GradientTransformation:
-    """A learned optimizer as an optax transformation; all parameter leaves are one flat coordinate batch."""
+def learned_optimizer(
+    net: nn.Module, lopt_params, learning_rate: float, chunk_size: int | None = None
+) -> optax.GradientTransformation:
+    """A learned optimizer as an optax transformation; all parameter leaves are one flat coordinate batch.
+
+    chunk_size=None applies the network to all coordinates at once: the fastest way to use it as an optimizer.
+    Meta-training, which differentiates through the updates, passes LOPT_CHUNK instead.
+    """
 
     def init(params):
         return LearnedOptState(initial_carry(net, ravel_pytree(params)[0].size))
@@ -244,10 +250,13 @@ def learned_optimizer(net: nn.Module, lopt_params, learning_rate: float) -> opta
     def update(grads, state, params=None):
         del params
         flat, unravel = ravel_pytree(grads)
-        # In chunks of coordinates, each rematerialised: the backward pass of the meta-gradient keeps only
-        # each step's inputs, and recomputes the GRU gate activations (about 200 floats per coordinate)
-        # one chunk at a time, so they stay in cache and never exist for all coordinates at once.
-        carry, direction = jax.lax.map(jax.checkpoint(apply_one), (state.carry, flat), batch_size=LOPT_CHUNK)
+        if chunk_size is None:
+            carry, direction = net.apply(lopt_params, state.carry, flat)
+        else:
+            # In chunks of coordinates, each rematerialised: the backward pass of the meta-gradient keeps only
+            # each step's inputs, and recomputes the GRU gate activations (about 200 floats per coordinate)
+            # one chunk at a time, so they stay in cache and never exist for all coordinates at once.
+            carry, direction = jax.lax.map(jax.checkpoint(apply_one), (state.carry, flat), batch_size=chunk_size)
         return unravel(-learning_rate * direction), LearnedOptState(carry)
 
     return optax.GradientTransformation(init, update)
@@ -534,7 +543,7 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
     )
 
     def inner_tx(lopt_params):
-        return with_grad_clip(learned_optimizer(net, lopt_params, args.lopt_lr), args.grad_clip)
+        return with_grad_clip(learned_optimizer(net, lopt_params, args.lopt_lr, LOPT_CHUNK), args.grad_clip)
 
     def init(key) -> MetaState:
         key_lopt, key_pop, key = jax.random.split(key, 3)

@@ -97,7 +97,7 @@ def measure(group: str, agents: int, bench: BenchArgs) -> dict:
     @jax.jit
     def lopt_fwd_bwd(lopt_params, grads):
         def loss(p):  # train_lopt's own optimizer transformation (chunked, rematerialised), K steps
-            tx = tl.learned_optimizer(net, p, 1.0)
+            tx = tl.learned_optimizer(net, p, 1.0, tl.LOPT_CHUNK)
 
             def step(state, g):
                 updates, state = tx.update(g, state)

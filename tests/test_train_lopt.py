@@ -185,19 +185,17 @@ def test_state_carry_shapes(lopt, num_rnns):
     np.testing.assert_allclose(flat, expected, rtol=1e-6, atol=1e-12)  # l2l starts at 0, linear at SGD
 
 
-def test_chunked_optimizer_matches_unchunked(monkeypatch):
-    """The network runs over chunks of coordinates (LOPT_CHUNK, with a remainder): same updates, state and
-    gradient w.r.t. the optimizer's parameters as one pass over all coordinates."""
+def test_chunked_optimizer_matches_unchunked():
+    """Meta-training runs the network over chunks of coordinates (with a remainder), rematerialised: same
+    updates, state and gradient w.r.t. the optimizer's parameters as one pass over all coordinates."""
     net = Optim4RL()
     lopt_params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(5), x.shape),
                                init_lopt_params(net, jax.random.PRNGKey(0)))
     grads = {"a": jax.random.normal(jax.random.PRNGKey(1), (7,)) * 1e-3, "b": jnp.array([2.0, -3e-6, 0.0])}
 
-    def run(chunk):
-        monkeypatch.setattr(tl, "LOPT_CHUNK", chunk)
-
+    def run(chunk_size):
         def loss(p):
-            tx = learned_optimizer(net, p, 0.1)
+            tx = learned_optimizer(net, p, 0.1, chunk_size)
             state = tx.init(grads)
             total = 0.0
             for _ in range(3):
@@ -206,7 +204,7 @@ def test_chunked_optimizer_matches_unchunked(monkeypatch):
             return total, state
         return jax.value_and_grad(loss, has_aux=True)(lopt_params)
 
-    (loss_all, state_all), grad_all = run(1000)
+    (loss_all, state_all), grad_all = run(None)
     (loss_chunked, state_chunked), grad_chunked = run(3)  # 10 coordinates: chunks of 3, 3, 3 and 1
     np.testing.assert_allclose(loss_chunked, loss_all, rtol=1e-6)
     leaves_equal(state_chunked, state_all, atol=1e-6)
