@@ -823,7 +823,8 @@ def plot_metrics(csv_path: str, png_path: str) -> None:
     for t in tasks:
         axes[0].plot(steps, [float(r[f"return/{t}"]) for r in rows], label=t)
         axes[1].plot(steps, [float(r[f"meta_loss/{t}"]) for r in rows], label=t)
-    axes[0].set(xlabel="meta-step", ylabel="mean episode return (population, per log interval)", title="agents during meta-training")
+    axes[0].set(xlabel="meta-step", ylabel="mean episode return (population, per log interval)",
+                title="agents during meta-training")
     axes[1].set(xlabel="meta-step", ylabel="meta-loss", title="meta-loss per task", yscale="symlog")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
