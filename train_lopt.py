@@ -590,9 +590,8 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
             (loss, (population, return_sum, return_count)), grad = jax.value_and_grad(
                 population_meta_loss, has_aux=True
             )(state.lopt_params, task, population, task_key, state.meta_step)
-            # Summed as they are, as in the paper: the per-task reward scales (1e0..1e3) weight the tasks, so the
-            # small grids, where agents learn within their lifetimes, dominate. Unit-norm per task gave the four big
-            # grids, whose CPU-sized agents see only noise, two thirds of the say: the optimizer learned to shrink steps.
+            # Not normalised per task, as in the paper: the reward scales (1e0..1e3) weight the tasks, so the small
+            # grids, whose agents learn within a lifetime, lead (README, "What changed: task weighting").
             grads.append(grad)
             populations.append(population)
             metrics.append(dict(meta_loss=loss, return_sum=return_sum.sum(), return_count=return_count.sum()))
