@@ -195,12 +195,14 @@ def eval_schedule(args: Args) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_train(args: Args, env: envs.Env, optimizer: optax.GradientTransformation,
-               on_eval: Callable[[int, np.ndarray], None] | None = None):
+               on_eval: Callable[[int, np.ndarray], None] | None = None,
+               on_trained: Callable[[int], None] | None = None):
     """train(keys) -> (final RunnerState, eval returns [num_evals + 1, num_seeds]); jit it.
 
     One PPO run per key, vmapped. Before training and after each of num_evals equal periods of PPO
-    updates, the deterministic policy is evaluated; on_eval(period, returns) is then called on the host,
-    from inside the running program, for progress lines.
+    updates, the deterministic policy is evaluated. From inside the running program, on the host,
+    on_trained(period) is called when a period's updates are done and on_eval(period, returns) when its
+    evaluation is: progress lines, and timing of training apart from evaluation.
     """
     train_env = envs.training.wrap(env, episode_length=args.episode_length, action_repeat=args.action_repeat)
     # EvalWrapper records each episode's return until its first end; its AutoReset underneath is harmless.
@@ -303,17 +305,22 @@ def make_train(args: Args, env: envs.Env, optimizer: optax.GradientTransformatio
         state, _ = jax.lax.scan(step, state, length=args.episode_length // args.action_repeat)
         return runner._replace(key=key), state.info["eval_metrics"].episode_metrics["reward"].mean()
 
-    def period(runner: RunnerState, num_period_updates) -> tuple[RunnerState, jax.Array]:
+    def train_period(runner: RunnerState, num_period_updates) -> RunnerState:
         # A traced update count (a while loop), so periods of any length share one compiled body.
-        runner = jax.lax.fori_loop(0, num_period_updates, lambda _, r: ppo_update(r), runner)
-        return evaluate(runner)
+        return jax.lax.fori_loop(0, num_period_updates, lambda _, r: ppo_update(r), runner)
 
     def train(keys):
         runners = jax.vmap(init)(keys)
 
         def run_period(runners, inputs):
             index, num_period_updates = inputs
-            runners, returns = jax.vmap(period, (0, None))(runners, num_period_updates)
+            runners = jax.vmap(train_period, (0, None))(runners, num_period_updates)
+            if on_trained is not None:
+                # Handing the callback a trained parameter makes it wait for the period's updates (XLA would
+                # otherwise run it as early as it likes).
+                trained_param = jax.tree.leaves(runners.params)[0].reshape(len(keys), -1)[:, 0]
+                jax.debug.callback(lambda i, _: on_trained(i), index, trained_param, ordered=True)
+            runners, returns = jax.vmap(evaluate)(runners)
             if on_eval is not None:
                 jax.debug.callback(on_eval, index, returns, ordered=True)
             return runners, returns
@@ -349,11 +356,22 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressPrinter:
-    """on_eval callback: one progress line per evaluation, timed from the first one (after compilation)."""
+    """on_trained/on_eval callbacks: one progress line per evaluation, and the time spent training and evaluating.
+
+    Timing starts at the first evaluation (before any update), so it excludes compilation and the first reset.
+    """
 
     def __init__(self, name: str, env_steps_at_eval: np.ndarray, num_seeds: int):
         self.name, self.env_steps_at_eval, self.num_seeds = name, env_steps_at_eval, num_seeds
         self.first_eval_time: float | None = None
+        self.last_event_time = 0.0
+        self.train_s = self.eval_s = 0.0  # after the first evaluation
+
+    def trained(self, index) -> None:
+        now = time.time()
+        if self.first_eval_time is not None:
+            self.train_s += now - self.last_event_time
+        self.last_event_time = now
 
     def __call__(self, index, returns) -> None:
         index, now = int(index), time.time()
@@ -362,9 +380,11 @@ class ProgressPrinter:
             self.first_eval_time = now
             rate_text, eta_text = "", ""
         else:
+            self.eval_s += now - self.last_event_time
             rate = self.num_seeds * steps / (now - self.first_eval_time)
-            rate_text = f" | {rate:,.0f} env steps/s"
+            rate_text = f" | {rate:,.0f} env steps/s ({self.num_seeds * steps / self.train_s:,.0f} without evaluation)"
             eta_text = f" | ETA {format_duration(self.num_seeds * (total - steps) / rate)}"
+        self.last_event_time = now
         returns = np.asarray(returns)
         print(f"[{self.name}] {steps:,}/{total:,} env steps x {self.num_seeds} seeds{rate_text} | eval return "
               f"{returns.mean():.1f} +- {returns.std():.1f}{eta_text}", flush=True)
@@ -399,10 +419,11 @@ def plot_returns(path: str, curves: dict[str, np.ndarray], env_steps: np.ndarray
 
 
 def format_summary_table(summary: dict) -> str:
-    lines = [f"{'optimizer':<10}{'final return':>22}{'wall time':>11}{'env steps/s':>13}"]
+    lines = [f"{'optimizer':<10}{'final return':>22}{'wall time':>11}{'env steps/s':>13}{'without eval':>14}"]
     for name, s in summary.items():
         final = f"{s['final_return_mean']:.1f} +- {s['final_return_std']:.1f}"
-        lines.append(f"{name:<10}{final:>22}{format_duration(s['wall_time_s']):>11}{s['env_steps_per_s']:>13,.0f}")
+        lines.append(f"{name:<10}{final:>22}{format_duration(s['wall_time_s']):>11}{s['env_steps_per_s']:>13,.0f}"
+                     f"{s['train_env_steps_per_s']:>14,.0f}")
     return "\n".join(lines)
 
 
@@ -415,7 +436,7 @@ def run_optimizer(name: str, args: Args, env: envs.Env, optimizer, keys) -> tupl
     """Compile and run one optimizer's PPO runs; returns eval returns [num_evals + 1, num_seeds] and timings."""
     env_steps_at_eval = eval_schedule(args)[1]
     progress = ProgressPrinter(name, env_steps_at_eval, args.num_seeds)
-    train = make_train(args, env, optimizer, on_eval=progress)
+    train = make_train(args, env, optimizer, on_eval=progress, on_trained=progress.trained)
     start = time.time()
     compiled = jax.jit(train).lower(keys).compile()
     compile_s = time.time() - start
@@ -433,6 +454,8 @@ def run_optimizer(name: str, args: Args, env: envs.Env, optimizer, keys) -> tupl
         "wall_time_s": end - start,
         "compile_s": compile_s,
         "env_steps_per_s": timed_steps / max(end - progress.first_eval_time, 1e-9),
+        "train_env_steps_per_s": timed_steps / max(progress.train_s, 1e-9),  # evaluations excluded
+        "eval_s": progress.eval_s,
     }
 
 

@@ -61,6 +61,9 @@ class Args:
     """stagger agent resets over the reset interval (False: reset all agents together)"""
     num_agents: int = 8
     """agents per task in the meta-training population"""
+    agents_per_chunk: int | None = 32
+    """meta-gradients of this many agents of a task are computed at a time (a scan over chunks), so peak memory
+    follows the chunk, not the population; None: the whole population at once"""
     num_envs: int = 4
     """environment streams per agent (the paper uses one)"""
     inner_updates: int = 4
@@ -522,7 +525,7 @@ class MetaTrain(NamedTuple):
     init: Any  # jitted: key -> MetaState
     meta_step: Any  # jitted: MetaState -> (MetaState, metrics); donates its argument
     state_sharding: Any  # where MetaState lives: populations split over devices, the rest replicated
-    population_meta_loss: Any  # (lopt_params, task, population, key, meta_step) -> (loss, aux)
+    population_meta_grad: Any  # (lopt_params, task, population, key, meta_step) -> ((loss, aux), meta-gradient)
     net: nn.Module
     tasks: tuple
 
@@ -537,6 +540,9 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
     tasks = tuple(Task.make(name, args) for name in task_names)
     net = make_lopt_net(lopt_config(args))
     offsets = jnp.asarray(reset_offsets(args.num_agents, args.reset_interval, args.pipeline))
+    chunk = min(args.agents_per_chunk or args.num_agents, args.num_agents)
+    if chunk < 1 or args.num_agents % chunk:
+        raise UserError(f"--num-agents {args.num_agents} must be a multiple of --agents-per-chunk {chunk}")
     meta_tx = optax.apply_if_finite(
         optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_lr)),
         max_consecutive_errors=2**30,  # we stop the run ourselves after --max-bad-steps
@@ -575,21 +581,46 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
         new_agent = jax.lax.stop_gradient(Agent(agent.params, agent.opt_state, env_state, obs, key))
         return meta_loss, (new_agent, return_sum.sum() + last_sum, return_count.sum() + last_count)
 
-    def population_meta_loss(lopt_params, task, population, key, meta_step):
-        reset_now = reset_mask(meta_step, offsets, args.reset_interval)
-        keys = jax.random.split(key, args.num_agents)
-        losses, aux = jax.vmap(agent_meta_loss, in_axes=(None, None, 0, 0, 0))(
-            lopt_params, task, population, keys, reset_now
-        )
-        return jnp.mean(losses), aux
+    def agents_meta_loss(lopt_params, task, agents, keys, reset_now):
+        """Summed meta-loss of some agents of a task (vmapped), divided by the population size."""
+        losses, aux = jax.vmap(agent_meta_loss, in_axes=(None, None, 0, 0, 0))(lopt_params, task, agents, keys, reset_now)
+        return jnp.sum(losses) / args.num_agents, aux
+
+    num_chunks = args.num_agents // chunk
+
+    def population_meta_grad(lopt_params, task, population, key, meta_step):
+        """(mean meta-loss, aux), meta-gradient of a task's population, one chunk of agents at a time.
+
+        Only one chunk's backward residuals (each agent's optimizer states at K steps) are alive at once, and the
+        updated agents are written back into the population in place. Chunk k holds agents k, k + num_chunks, ...:
+        a reshape to [chunk, num_chunks, ...] without a copy, and each chunk is spread over the devices.
+        """
+        value_and_grad = jax.value_and_grad(agents_meta_loss, has_aux=True)
+        keys, reset_now = jax.random.split(key, args.num_agents), reset_mask(meta_step, offsets, args.reset_interval)
+        population, keys, reset_now = jax.tree.map(lambda x: x.reshape(chunk, num_chunks, *x.shape[1:]),
+                                                   (population, keys, reset_now))
+
+        def chunk_step(carry, k):
+            grad_sum, population = carry
+            agents = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, 1, False), (population, keys, reset_now))
+            (loss, (agents, return_sum, return_count)), grad = value_and_grad(lopt_params, task, *agents)
+            population = jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, k, 1), population, agents)
+            return (jax.tree.map(jnp.add, grad_sum, grad), population), (loss, return_sum, return_count)
+
+        zeros = jax.tree.map(jnp.zeros_like, lopt_params)
+        (grad, population), (losses, return_sum, return_count) = jax.lax.scan(
+            chunk_step, (zeros, population), jnp.arange(num_chunks))
+        population, return_sum, return_count = jax.tree.map(
+            lambda x: x.reshape(args.num_agents, *x.shape[2:]), (population, return_sum.T, return_count.T))
+        return (jnp.sum(losses), (population, return_sum, return_count)), grad
 
     def meta_step(state: MetaState):
         key, *task_keys = jax.random.split(state.key, len(tasks) + 1)
         grads, populations, metrics = [], [], []
         for task, population, task_key in zip(tasks, state.populations, task_keys):
-            (loss, (population, return_sum, return_count)), grad = jax.value_and_grad(
-                population_meta_loss, has_aux=True
-            )(state.lopt_params, task, population, task_key, state.meta_step)
+            (loss, (population, return_sum, return_count)), grad = population_meta_grad(
+                state.lopt_params, task, population, task_key, state.meta_step
+            )
             # Not normalised per task, as in the paper: the reward scales (1e0..1e3) weight the tasks, so the small
             # grids, whose agents learn within a lifetime, lead (README, "What changed: task weighting").
             grads.append(grad)
@@ -609,7 +640,7 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
         jax.jit(init, out_shardings=state_sharding),
         jax.jit(meta_step, out_shardings=(state_sharding, replicated), donate_argnums=0),
         state_sharding,
-        population_meta_loss,
+        population_meta_grad,
         net,
         tasks,
     )

@@ -5,9 +5,10 @@ settings on the same environment, then eval_brax.py's PPO with the learned optim
 
 Per seed it alternates: Brax's trainer, then ours with Adam (compiled once, reused for every seed), then
 ours with the learned optimizer. It reports
-- training env steps per second after compilation, per trainer: Brax's own 'training/sps' of every epoch
-  but the first (the first includes compilation; its evaluations are excluded), and ours per evaluation
-  period but the first (our evaluations included, so this is the conservative side);
+- training env steps per second after compilation, per trainer, evaluations excluded: Brax's own
+  'training/sps' of every epoch but the first (the first includes compilation), and ours per evaluation
+  period but the first, timed from the end of one evaluation to the end of the period's updates;
+- the same with evaluations included, for both: env steps over the time between consecutive evaluations;
 - final deterministic evaluation returns of both trainers, mean and std over seeds (correctness);
 - the wall time of PPO with the learned optimizer over PPO with Adam, after compilation and in total.
 
@@ -73,10 +74,10 @@ def patch_brax_trainer() -> None:
 
 
 def run_brax(ppo_args: eb.Args, env, seed: int) -> dict:
-    epochs = []  # (env steps, metrics) after every evaluation
+    epochs = []  # (env steps, metrics, time) after every evaluation
 
     def record(step, metrics):
-        epochs.append((int(step), {k: float(v) for k, v in metrics.items()}))
+        epochs.append((int(step), {k: float(v) for k, v in metrics.items()}, time.time()))
 
     start = time.time()
     brax_ppo.train(
@@ -90,36 +91,43 @@ def run_brax(ppo_args: eb.Args, env, seed: int) -> dict:
         num_evals=ppo_args.num_evals + 1, num_eval_envs=ppo_args.num_eval_envs, deterministic_eval=True,
         seed=seed, progress_fn=record,
     )
-    steady_sps = [m["training/sps"] for _, m in epochs[2:]]  # epochs[0]: initial eval; epochs[1]: with compile
+    steady_sps = [m["training/sps"] for _, m, _ in epochs[2:]]  # epochs[0]: initial eval; epochs[1]: with compile
+    steps, times = np.array([e[0] for e in epochs]), np.array([e[2] for e in epochs])
+    with_eval_sps = (np.diff(steps) / np.diff(times))[1:]
     return {"final_return": epochs[-1][1]["eval/episode_reward"], "env_steps": epochs[-1][0],
-            "sps": float(np.median(steady_sps)), "epoch_sps": steady_sps, "wall_s": time.time() - start,
-            "curve": [(s, m["eval/episode_reward"]) for s, m in epochs]}
+            "sps": float(np.median(steady_sps)), "epoch_sps": steady_sps,
+            "sps_with_eval": float(np.median(with_eval_sps)), "wall_s": time.time() - start,
+            "curve": [(s, m["eval/episode_reward"]) for s, m, _ in epochs]}
 
 
 class OurTrainer:
     """eval_brax.make_train for one optimizer, compiled once; each call runs one seed."""
 
     def __init__(self, ppo_args: eb.Args, env, optimizer_name: str):
-        self.period_ends: list[float] = []
+        self.trained, self.evaluated = [], []  # times at which each period's updates and evaluation ended
         train = eb.make_train(ppo_args, env, eb.make_optimizer(optimizer_name, ppo_args),
-                              on_eval=lambda *_: self.period_ends.append(time.time()))
+                              on_eval=lambda *_: self.evaluated.append(time.time()),
+                              on_trained=lambda _: self.trained.append(time.time()))
         start = time.time()
         self.compiled = jax.jit(train).lower(jax.random.split(jax.random.PRNGKey(0), 1)).compile()
         self.compile_s = time.time() - start
         self.updates, self.env_steps = eb.eval_schedule(ppo_args)
 
     def __call__(self, seed: int) -> dict:
-        self.period_ends = []
+        self.trained, self.evaluated = [], []
         start = time.time()
         _, returns = self.compiled(jax.random.split(jax.random.PRNGKey(seed), 1))
         returns = np.asarray(returns)[:, 0]
-        ends = np.array(self.period_ends)
+        trained, evaluated = np.array(self.trained), np.array(self.evaluated)
         # Periods 2..K: period 1 follows the first evaluation, which can still carry one-off start-up work.
-        period_sps = np.diff(self.env_steps)[1:] / np.diff(ends)[1:]
+        period_steps = np.diff(self.env_steps)[1:]
+        period_sps = period_steps / (trained[2:] - evaluated[1:-1])
+        with_eval_sps = period_steps / np.diff(evaluated)[1:]
         return {"final_return": float(returns[-1]), "env_steps": int(self.env_steps[-1]),
-                "sps": float(np.median(period_sps)), "epoch_sps": period_sps.tolist(), "wall_s": time.time() - start,
-                "after_first_eval_s": float(ends[-1] - ends[0]), "curve": list(zip(self.env_steps.tolist(),
-                                                                                    returns.tolist()))}
+                "sps": float(np.median(period_sps)), "epoch_sps": period_sps.tolist(),
+                "sps_with_eval": float(np.median(with_eval_sps)), "wall_s": time.time() - start,
+                "after_first_eval_s": float(evaluated[-1] - evaluated[0]),
+                "curve": list(zip(self.env_steps.tolist(), returns.tolist()))}
 
 
 def main(bench: BenchArgs) -> None:
@@ -156,9 +164,13 @@ def main(bench: BenchArgs) -> None:
         values = np.array([r[key] for r in results[name]])
         return float(values.mean()), float(values.std())
 
-    report = {name: {"final_return_mean_std": stats(name, "final_return"), "sps_median": float(
-        np.median([r["sps"] for r in results[name]]))} for name in results}
+    report = {name: {"final_return_mean_std": stats(name, "final_return"),
+                     "sps_median": float(np.median([r["sps"] for r in results[name]])),
+                     "sps_with_eval_median": float(np.median([r["sps_with_eval"] for r in results[name]]))}
+              for name in results}
     report["ratio_sps_ours_adam_over_brax"] = report["adam"]["sps_median"] / report["brax"]["sps_median"]
+    report["ratio_sps_with_eval_ours_adam_over_brax"] = (report["adam"]["sps_with_eval_median"]
+                                                         / report["brax"]["sps_with_eval_median"])
     if "lopt" in ours:
         after_compile = {n: np.median([r["after_first_eval_s"] for r in results[n]]) for n in ("adam", "lopt")}
         report["ratio_wall_lopt_over_adam_after_compile"] = float(after_compile["lopt"] / after_compile["adam"])
@@ -168,12 +180,14 @@ def main(bench: BenchArgs) -> None:
     report.update(env=bench.env, backend=bench.backend, env_steps_per_seed=ppo_args.total_timesteps,
                   seeds=bench.seeds, compile_s={n: t.compile_s for n, t in ours.items()}, runs=results)
 
-    print(f"\n{'trainer':<14}{'final return (mean +- std)':>28}{'env steps/s':>14}")
+    print(f"\n{'trainer':<14}{'final return (mean +- std)':>28}{'env steps/s':>14}{'with evals':>12}")
     for name in results:
         mean, std = report[name]["final_return_mean_std"]
         label = "brax ppo.train" if name == "brax" else f"ours, {name}"
-        print(f"{label:<14}{f'{mean:.1f} +- {std:.1f}':>28}{report[name]['sps_median']:>14,.0f}")
-    print(f"env steps/s, ours (adam) / Brax's trainer: {report['ratio_sps_ours_adam_over_brax']:.2f}x")
+        print(f"{label:<14}{f'{mean:.1f} +- {std:.1f}':>28}{report[name]['sps_median']:>14,.0f}"
+              f"{report[name]['sps_with_eval_median']:>12,.0f}")
+    print(f"env steps/s, ours (adam) / Brax's trainer: {report['ratio_sps_ours_adam_over_brax']:.2f}x without "
+          f"evaluations, {report['ratio_sps_with_eval_ours_adam_over_brax']:.2f}x with them")
     if "lopt" in ours:
         print(f"wall time, lopt / adam: {report['ratio_wall_lopt_over_adam_after_compile']:.2f}x after compilation, "
               f"{report['ratio_wall_lopt_over_adam_with_compile']:.2f}x with it")

@@ -411,17 +411,24 @@ def test_meta_steps_update_lopt(meta):
 
 
 def test_population_meta_gradient(meta):
-    """jax.grad of population_meta_loss w.r.t. the lopt params: finite and non-zero in every module."""
-    task = meta.mt.tasks[0]
-    grad_fn = jax.jit(lambda p, pop, key, t: jax.grad(meta.mt.population_meta_loss, has_aux=True)(p, task, pop, key, t))
-    grads, (population, return_sum, return_count) = grad_fn(
-        meta.state.lopt_params, meta.state.populations[0], jax.random.PRNGKey(7), meta.state.meta_step
-    )
+    """The meta-gradient of a task's population w.r.t. the lopt params: finite and non-zero in every module. With
+    one agent per chunk (a scan over agents) it equals the whole population's at once (2 agents): the loss, the
+    gradient and the updated agents, in agent order."""
+    task, state = meta.mt.tasks[0], meta.state
+    inputs = (state.lopt_params, state.populations[0], jax.random.PRNGKey(7), state.meta_step)
+    results = {}
+    for chunk in (None, 1):
+        mt = meta.mt if chunk is None else tl.make_meta_train(tiny_args(agents_per_chunk=chunk), TASKS)
+        results[chunk] = jax.jit(lambda *a, mt=mt: mt.population_meta_grad(a[0], task, *a[1:]))(*inputs)
+    (loss, (population, return_sum, return_count)), grads = results[None]
     assert tree_finite(grads)
     for module, g in grads["params"].items():
         assert float(optax.tree.norm(g)) > 0, module
     assert tree_finite(population.params)
     assert return_sum.shape == (2,) and return_count.shape == (2,)
+    leaves_equal(results[1], results[None], atol=1e-6)
+    with pytest.raises(UserError, match="--num-agents 8 must be a multiple of --agents-per-chunk 3"):
+        tl.make_meta_train(tiny_args(num_agents=8, agents_per_chunk=3), TASKS)
 
 
 # ------------------------------------------------------------------------------------------------
