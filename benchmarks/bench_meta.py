@@ -45,6 +45,8 @@ class BenchArgs:
     """environment streams per agent (the paper and the original implementation use one)"""
     inner_updates: int = 4
     rollout_steps: int = 20
+    agents_per_chunk: int | None = tl.Args.agents_per_chunk
+    """train_lopt's --agents-per-chunk: meta-gradients of this many agents of a task at a time"""
     repeats: int = 3
     timeout: int = 1800
     """seconds per (group, population) child before it is reported as timed out"""
@@ -65,7 +67,8 @@ def timed(fn, *args):
 def measure(group: str, agents: int, bench: BenchArgs) -> dict:
     """One (group, population): runs in a child process."""
     args = dataclasses.replace(tl.Args(), num_agents=agents, num_envs=bench.num_envs,
-                               inner_updates=bench.inner_updates, rollout_steps=bench.rollout_steps)
+                               inner_updates=bench.inner_updates, rollout_steps=bench.rollout_steps,
+                               agents_per_chunk=bench.agents_per_chunk)
     names = ENV_GROUPS[group]
     mt = tl.make_meta_train(args, names)
     state = mt.init(jax.random.PRNGKey(0))
@@ -172,7 +175,8 @@ def main(bench: BenchArgs) -> None:
     if unknown:
         raise tl.UserError(f"unknown group {unknown[0]!r}; choose from {', '.join(ENV_GROUPS)}")
     print(f"bench_meta: {jax.device_count()} device(s), num_envs {bench.num_envs}, K {bench.inner_updates}, "
-          f"rollout {bench.rollout_steps}, {bench.repeats} timed repeats per function", flush=True)
+          f"rollout {bench.rollout_steps}, {bench.agents_per_chunk} agents per chunk, {bench.repeats} timed repeats per "
+          "function", flush=True)
     rows = []
     for group in bench.groups:
         for agents in bench.populations:
