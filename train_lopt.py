@@ -534,15 +534,18 @@ class MetaTrain(NamedTuple):
 def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
     """Build the meta-training functions for a group of tasks.
 
-    meta_step is one jitted function over all tasks: per task, the population is vmapped; tasks have
-    different observation and network shapes, so they are separate branches of the same program.
+    meta_step is one jitted function over all tasks: per task, the population is vmapped in chunks of
+    --agents-per-chunk agents, one chunk after another; tasks have different observation and network shapes,
+    so they are separate branches of the same program.
     The population axis is sharded over all devices; XLA all-reduces the meta-gradient's mean over agents.
     """
     tasks = tuple(Task.make(name, args) for name in task_names)
     net = make_lopt_net(lopt_config(args))
     offsets = jnp.asarray(reset_offsets(args.num_agents, args.reset_interval, args.pipeline))
     chunk = min(args.agents_per_chunk or args.num_agents, args.num_agents)
-    if chunk < 1 or args.num_agents % chunk:
+    if chunk < 1:
+        raise UserError(f"--agents-per-chunk must be positive, got {args.agents_per_chunk}")
+    if args.num_agents % chunk:
         raise UserError(f"--num-agents {args.num_agents} must be a multiple of --agents-per-chunk {chunk}")
     meta_tx = optax.apply_if_finite(
         optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_lr)),

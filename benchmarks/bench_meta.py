@@ -9,8 +9,8 @@ jitted functions are timed in alternation, `--repeats` times each, and their med
 - the meta-step (K learned-optimizer updates + the meta-loss rollout, backward through the K updates, meta-update);
 - plain training: the same population, environments and rollout, K + 1 A2C updates with Adam per call, i.e. the
   same number of environment steps as one meta-step. Ratio (a) = meta env steps/s / plain env steps/s;
-- the learned optimizer alone: forward and backward through K steps over as many coordinates as the population
-  has agent parameters. Ratio (b) = its time / the meta-step's time.
+- the learned optimizer alone: forward and backward through K steps over every agent's parameters, agents in
+  chunks as in the meta-step, on random gradients. Ratio (b) = its time / the meta-step's time.
 Because the three alternate in one process, the ratios hold on a noisy machine; absolute times do not.
 """
 
@@ -92,21 +92,33 @@ def measure(group: str, agents: int, bench: BenchArgs) -> dict:
 
     populations = jax.block_until_ready(plain(populations))
 
-    # The learned optimizer alone: forward + backward through K steps on every agent parameter of the population.
-    num_coords = sum(tl.ravel_pytree(pop.params)[0].size for pop in populations)  # agents x parameters, all tasks
+    # The learned optimizer alone, laid out as in the meta-step: per task, forward + backward through K steps on
+    # every agent's parameters, agents vmapped in chunks of --agents-per-chunk, the chunks one after another.
     net, lopt_params = mt.net, jax.device_get(state.lopt_params)  # a copy: meta_step donates the state
-    grads = jax.random.normal(jax.random.PRNGKey(1), (bench.inner_updates, num_coords)) * 1e-3
+    chunk = min(args.agents_per_chunk or agents, agents)
+    agent_sizes = [tl.ravel_pytree(jax.tree.map(lambda x: x[0], pop.params))[0].size for pop in populations]
+    grads = [jax.random.normal(jax.random.PRNGKey(i), (agents // chunk, chunk, bench.inner_updates, size)) * 1e-3
+             for i, size in enumerate(agent_sizes)]
+    num_coords = agents * sum(agent_sizes)  # agents x parameters, all tasks
+
+    def agent_lopt_loss(p, agent_grads):  # train_lopt's own (chunked, rematerialised) transformation, K steps
+        tx = tl.learned_optimizer(net, p, 1.0, tl.LOPT_CHUNK)
+
+        def step(state, g):
+            updates, state = tx.update(g, state)
+            return state, jnp.sum(updates)
+        return jnp.sum(jax.lax.scan(step, tx.init(agent_grads[0]), agent_grads)[1])
 
     @jax.jit
     def lopt_fwd_bwd(lopt_params, grads):
-        def loss(p):  # train_lopt's own optimizer transformation (chunked, rematerialised), K steps
-            tx = tl.learned_optimizer(net, p, 1.0, tl.LOPT_CHUNK)
+        def chunk_grad(total, chunk_grads):
+            grad = jax.grad(lambda p: jnp.sum(jax.vmap(agent_lopt_loss, (None, 0))(p, chunk_grads)))(lopt_params)
+            return jax.tree.map(jnp.add, total, grad), None
 
-            def step(state, g):
-                updates, state = tx.update(g, state)
-                return state, jnp.sum(updates)
-            return jnp.sum(jax.lax.scan(step, tx.init(grads[0]), grads)[1])
-        return jax.grad(loss)(lopt_params)
+        total = jax.tree.map(jnp.zeros_like, lopt_params)
+        for task_grads in grads:
+            total = jax.lax.scan(chunk_grad, total, task_grads)[0]
+        return total
 
     jax.block_until_ready(lopt_fwd_bwd(lopt_params, grads))
 

@@ -429,6 +429,8 @@ def test_population_meta_gradient(meta):
     leaves_equal(results[1], results[None], atol=1e-6)
     with pytest.raises(UserError, match="--num-agents 8 must be a multiple of --agents-per-chunk 3"):
         tl.make_meta_train(tiny_args(num_agents=8, agents_per_chunk=3), TASKS)
+    with pytest.raises(UserError, match="--agents-per-chunk must be positive"):
+        tl.make_meta_train(tiny_args(agents_per_chunk=-1), TASKS)
 
 
 # ------------------------------------------------------------------------------------------------
