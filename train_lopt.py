@@ -665,10 +665,11 @@ def run_dir(args: Args) -> str:
 
 
 def resume_settings(args: Args) -> dict:
-    """Settings that must not change when a run is resumed (meta_steps may grow)."""
+    """Settings that must not change when a run is resumed (meta_steps may grow; agents_per_chunk only trades memory
+    for speed)."""
     skip = {"resume", "meta_steps", "save_every", "log_every", "eval_only", "lopt_path", "eval_seeds", "eval_steps",
             "eval_envs", "max_bad_steps", "out_dir", "run_name", "distributed", "coordinator_address",
-            "num_processes", "process_id"}
+            "num_processes", "process_id", "agents_per_chunk"}
     return {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
 
 
