@@ -455,6 +455,7 @@ def run_optimizer(name: str, args: Args, env: envs.Env, optimizer, keys) -> tupl
         "compile_s": compile_s,
         "env_steps_per_s": timed_steps / max(end - progress.first_eval_time, 1e-9),
         "train_env_steps_per_s": timed_steps / max(progress.train_s, 1e-9),  # evaluations excluded
+        "train_s": progress.train_s,
         "eval_s": progress.eval_s,
     }
 
