@@ -531,6 +531,16 @@ class MetaTrain(NamedTuple):
     tasks: tuple
 
 
+def agents_per_chunk(args: Args) -> int:
+    """--agents-per-chunk, checked; None (or more than --num-agents) means the whole population."""
+    chunk = min(args.agents_per_chunk or args.num_agents, args.num_agents)
+    if chunk < 1:
+        raise UserError(f"--agents-per-chunk must be positive, got {args.agents_per_chunk}")
+    if args.num_agents % chunk:
+        raise UserError(f"--num-agents {args.num_agents} must be a multiple of --agents-per-chunk {chunk}")
+    return chunk
+
+
 def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
     """Build the meta-training functions for a group of tasks.
 
@@ -542,11 +552,7 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
     tasks = tuple(Task.make(name, args) for name in task_names)
     net = make_lopt_net(lopt_config(args))
     offsets = jnp.asarray(reset_offsets(args.num_agents, args.reset_interval, args.pipeline))
-    chunk = min(args.agents_per_chunk or args.num_agents, args.num_agents)
-    if chunk < 1:
-        raise UserError(f"--agents-per-chunk must be positive, got {args.agents_per_chunk}")
-    if args.num_agents % chunk:
-        raise UserError(f"--num-agents {args.num_agents} must be a multiple of --agents-per-chunk {chunk}")
+    chunk = agents_per_chunk(args)
     meta_tx = optax.apply_if_finite(
         optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_lr)),
         max_consecutive_errors=2**30,  # we stop the run ourselves after --max-bad-steps
@@ -587,7 +593,8 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
 
     def agents_meta_loss(lopt_params, task, agents, keys, reset_now):
         """Summed meta-loss of some agents of a task (vmapped), divided by the population size."""
-        losses, aux = jax.vmap(agent_meta_loss, in_axes=(None, None, 0, 0, 0))(lopt_params, task, agents, keys, reset_now)
+        losses, aux = jax.vmap(agent_meta_loss, in_axes=(None, None, 0, 0, 0))(
+            lopt_params, task, agents, keys, reset_now)
         return jnp.sum(losses) / args.num_agents, aux
 
     num_chunks = args.num_agents // chunk
@@ -606,7 +613,8 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
 
         def chunk_step(carry, k):
             grad_sum, population = carry
-            agents = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, 1, False), (population, keys, reset_now))
+            agents = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, 1, False),
+                                  (population, keys, reset_now))
             (loss, (agents, return_sum, return_count)), grad = value_and_grad(lopt_params, task, *agents)
             population = jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, k, 1), population, agents)
             return (jax.tree.map(jnp.add, grad_sum, grad), population), (loss, return_sum, return_count)

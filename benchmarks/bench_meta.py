@@ -95,7 +95,7 @@ def measure(group: str, agents: int, bench: BenchArgs) -> dict:
     # The learned optimizer alone, laid out as in the meta-step: per task, forward + backward through K steps on
     # every agent's parameters, agents vmapped in chunks of --agents-per-chunk, the chunks one after another.
     net, lopt_params = mt.net, jax.device_get(state.lopt_params)  # a copy: meta_step donates the state
-    chunk = min(args.agents_per_chunk or agents, agents)
+    chunk = tl.agents_per_chunk(args)
     agent_sizes = [tl.ravel_pytree(jax.tree.map(lambda x: x[0], pop.params))[0].size for pop in populations]
     grads = [jax.random.normal(jax.random.PRNGKey(i), (agents // chunk, chunk, bench.inner_updates, size)) * 1e-3
              for i, size in enumerate(agent_sizes)]
@@ -187,8 +187,8 @@ def main(bench: BenchArgs) -> None:
     if unknown:
         raise tl.UserError(f"unknown group {unknown[0]!r}; choose from {', '.join(ENV_GROUPS)}")
     print(f"bench_meta: {jax.device_count()} device(s), num_envs {bench.num_envs}, K {bench.inner_updates}, "
-          f"rollout {bench.rollout_steps}, {bench.agents_per_chunk} agents per chunk, {bench.repeats} timed repeats per "
-          "function", flush=True)
+          f"rollout {bench.rollout_steps}, {bench.agents_per_chunk} agents per chunk, "
+          f"{bench.repeats} timed repeats per function", flush=True)
     rows = []
     for group in bench.groups:
         for agents in bench.populations:
