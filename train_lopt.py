@@ -143,14 +143,66 @@ def l2l_features(g: jax.Array, p: float = 10.0) -> jax.Array:
     )
 
 
-def _gru(hidden_size: int, name: str) -> nn.GRUCell:
+@jax.custom_vjp
+def coordinate_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x @ kernel for a handful of features per coordinate ([N, I] @ [I, O], I and O at most the hidden size).
+
+    Written as I broadcast products, which XLA fuses with the GRU's gates into one pass over the coordinates;
+    a dot would write each [N, O] product to memory. On 270k coordinates (hopper's PPO networks) on a CPU this
+    makes the whole Optim4RL step 2.3x faster (benchmarks/bench_lopt.py).
+    """
+    return sum(x[..., i, None] * kernel[i] for i in range(kernel.shape[0]))
+
+
+def _coordinate_matmul_fwd(x, kernel):
+    return coordinate_matmul(x, kernel), (x, kernel)
+
+
+def _coordinate_matmul_bwd(residuals, dy):
+    # The kernel's gradient is a reduction over all coordinates: one dot, rather than I x O separate reductions
+    # that differentiating the broadcast products would give (2x slower than flax's dots on the meta-gradient).
+    x, kernel = residuals
+    return coordinate_matmul(dy, kernel.T), jnp.einsum("...i,...o->io", x, dy)
+
+
+coordinate_matmul.defvjp(_coordinate_matmul_fwd, _coordinate_matmul_bwd)
+
+
+class CoordinateDense(nn.Dense):
+    """nn.Dense, with its parameters, for inputs of a few features per coordinate (see coordinate_matmul)."""
+
+    @nn.compact
+    def __call__(self, inputs):
+        kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype)
+        y = coordinate_matmul(inputs, kernel)
+        return y + self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else y
+
+
+class CoordinateGRUCell(nn.GRUCell):
+    """flax's GRUCell with the same parameters (checkpoints are interchangeable), its matmuls coordinate-wise."""
+
+    @nn.compact
+    def __call__(self, carry, inputs):
+        h = carry
+        dense_h = partial(CoordinateDense, h.shape[-1], use_bias=False, kernel_init=self.recurrent_kernel_init,
+                          bias_init=self.bias_init)
+        dense_i = partial(CoordinateDense, h.shape[-1], kernel_init=self.kernel_init, bias_init=self.bias_init)
+        r = self.gate_fn(dense_i(name="ir")(inputs) + dense_h(name="hr")(h))
+        z = self.gate_fn(dense_i(name="iz")(inputs) + dense_h(name="hz")(h))
+        n = self.activation_fn(dense_i(name="in")(inputs) + r * dense_h(name="hn", use_bias=True)(h))
+        h = (1.0 - z) * n + z * h
+        return h, h
+
+
+def _gru(hidden_size: int, name: str) -> CoordinateGRUCell:
     # Small input weights: log|g| is O(10) in size, so default-scaled weights would saturate the gates.
-    return nn.GRUCell(hidden_size, kernel_init=nn.initializers.variance_scaling(0.01, "fan_in", "normal"), name=name)
+    return CoordinateGRUCell(hidden_size, kernel_init=nn.initializers.variance_scaling(0.01, "fan_in", "normal"),
+                             name=name)
 
 
-def _zero_dense(features: int, name: str) -> nn.Dense:
+def _zero_dense(features: int, name: str) -> CoordinateDense:
     # Zero-initialised outputs: Optim4RL starts as sign-SGD, a sound optimizer to meta-train from.
-    return nn.Dense(features, kernel_init=nn.initializers.zeros, name=name)
+    return CoordinateDense(features, kernel_init=nn.initializers.zeros, name=name)
 
 
 class Optim4RL(nn.Module):
