@@ -149,7 +149,7 @@ def coordinate_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     Written as I broadcast products, which XLA fuses with the GRU's gates into one pass over the coordinates;
     a dot would write each [N, O] product to memory. On 270k coordinates (hopper's PPO networks) on a CPU this
-    makes the whole Optim4RL step 2.3x faster (benchmarks/bench_lopt.py).
+    makes the whole Optim4RL step 2.1x faster (benchmarks/bench_lopt.py).
     """
     return sum(x[..., i, None] * kernel[i] for i in range(kernel.shape[0]))
 
