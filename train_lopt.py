@@ -168,14 +168,10 @@ def _coordinate_matmul_bwd(residuals, dy):
 coordinate_matmul.defvjp(_coordinate_matmul_fwd, _coordinate_matmul_bwd)
 
 
-class CoordinateDense(nn.Dense):
-    """nn.Dense, with its parameters, for inputs of a few features per coordinate (see coordinate_matmul)."""
-
-    @nn.compact
-    def __call__(self, inputs):
-        kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype)
-        y = coordinate_matmul(inputs, kernel)
-        return y + self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else y
+def coordinate_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """nn.Dense's dot_general (inputs' last axis against the kernel's first), computed by coordinate_matmul."""
+    del dimension_numbers, precision, preferred_element_type  # nn.Dense always contracts those two axes
+    return coordinate_matmul(lhs, rhs)
 
 
 class CoordinateGRUCell(nn.GRUCell):
@@ -184,9 +180,9 @@ class CoordinateGRUCell(nn.GRUCell):
     @nn.compact
     def __call__(self, carry, inputs):
         h = carry
-        dense_h = partial(CoordinateDense, h.shape[-1], use_bias=False, kernel_init=self.recurrent_kernel_init,
-                          bias_init=self.bias_init)
-        dense_i = partial(CoordinateDense, h.shape[-1], kernel_init=self.kernel_init, bias_init=self.bias_init)
+        dense = partial(nn.Dense, h.shape[-1], bias_init=self.bias_init, dot_general=coordinate_dot_general)
+        dense_h = partial(dense, use_bias=False, kernel_init=self.recurrent_kernel_init)
+        dense_i = partial(dense, kernel_init=self.kernel_init)
         r = self.gate_fn(dense_i(name="ir")(inputs) + dense_h(name="hr")(h))
         z = self.gate_fn(dense_i(name="iz")(inputs) + dense_h(name="hz")(h))
         n = self.activation_fn(dense_i(name="in")(inputs) + r * dense_h(name="hn", use_bias=True)(h))
@@ -200,9 +196,9 @@ def _gru(hidden_size: int, name: str) -> CoordinateGRUCell:
                              name=name)
 
 
-def _zero_dense(features: int, name: str) -> CoordinateDense:
+def _zero_dense(features: int, name: str) -> nn.Dense:
     # Zero-initialised outputs: Optim4RL starts as sign-SGD, a sound optimizer to meta-train from.
-    return CoordinateDense(features, kernel_init=nn.initializers.zeros, name=name)
+    return nn.Dense(features, kernel_init=nn.initializers.zeros, dot_general=coordinate_dot_general, name=name)
 
 
 class Optim4RL(nn.Module):

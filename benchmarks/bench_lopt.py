@@ -6,7 +6,7 @@
 Times, in alternation in one process (medians of --repeats calls, after compilation):
 - adam: one optax.adam update;
 - lopt (flax layers): one Optim4RL update, the network built from flax's nn.GRUCell and nn.Dense;
-- lopt (coordinate layers): the same network as train_lopt.py builds it (CoordinateGRUCell, CoordinateDense);
+- lopt (coordinate layers): the same network as train_lopt.py builds it (CoordinateGRUCell, coordinate_dot_general);
 - the meta-gradient of both variants: forward, rematerialised forward and backward through one update in
   chunks of LOPT_CHUNK coordinates, as in meta-training.
 The optimizer is the shipped checkpoint (or --lopt-path); both variants load the same parameters and their
@@ -81,10 +81,11 @@ def main(args: BenchArgs) -> None:
     rows = {}
     adam = optax.adam(3e-4)
     rows["adam"] = (jax.jit(lambda state, grads: adam.update(grads, state)), adam.init(params), grads)
-    for name, layers in [("flax layers", (nn.GRUCell, nn.Dense)),
-                         ("coordinate layers", (tl.CoordinateGRUCell, tl.CoordinateDense))]:
-        # Swap the layer classes Optim4RL is built from while its functions are traced and compiled.
-        with mock.patch.object(tl, "CoordinateGRUCell", layers[0]), mock.patch.object(tl, "CoordinateDense", layers[1]):
+    for name, layers in [("flax layers", (nn.GRUCell, jax.lax.dot_general)),
+                         ("coordinate layers", (tl.CoordinateGRUCell, tl.coordinate_dot_general))]:
+        # Swap the GRU class and the Dense layers' dot_general that Optim4RL is built with while its functions are traced and compiled.
+        with mock.patch.object(tl, "CoordinateGRUCell", layers[0]), \
+                mock.patch.object(tl, "coordinate_dot_general", layers[1]):
             step, state = compiled(ckpt["params"])
             rows[f"lopt ({name})"] = (step, state, grads)
             grad_fn = jax.jit(meta_gradient)
