@@ -8,6 +8,7 @@ that flax's `nn.Conv` convolves over the spatial axes.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -211,6 +212,34 @@ def run_cli(main, *args, **kwargs):
         raise SystemExit(2) from None
 
 
+def flag_name(field: str) -> str:
+    """The command-line flag of an Args field, as tyro spells it."""
+    return "--" + field.replace("_", "-")
+
+
+def check_args(args: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """Each named Args field must be finite and > 0 (positive) or >= 0 (non_negative); None is left alone.
+
+    Called before anything compiles, so a careless value costs nothing; NaN and inf fail both tests.
+    """
+    for names, allowed, ok in ((positive, "a finite number > 0", lambda v: v > 0),
+                               (non_negative, "a finite number >= 0", lambda v: v >= 0)):
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                raise UserError(f"{flag_name(name)} {value}: must be {allowed}")
+
+
+def check_writable_dir(path: str, flag: str = "--out-dir") -> None:
+    """Create `path` if needed and make sure a file can be written there, before any work is done."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UserError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
+
+
 def save_msgpack(path: str, tree: Any) -> None:
     """Write a pytree of arrays/dicts atomically: a temporary file in the same folder, then rename."""
     data = serialization.msgpack_serialize(serialization.to_state_dict(jax.device_get(tree)))
@@ -231,6 +260,8 @@ def save_msgpack(path: str, tree: Any) -> None:
 
 def load_msgpack(path: str) -> dict:
     """Read a msgpack checkpoint as a nested dict; a missing or unreadable file is a UserError."""
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a directory; give the checkpoint file inside it")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import tyro
 from flax import serialization, struct
 from gymnax.wrappers.purerl import LogWrapper
@@ -38,6 +39,9 @@ from common import (
     REWARD_SCALES,
     UserError,
     agent_kind,
+    check_args,
+    check_writable_dir,
+    flag_name,
     load_msgpack,
     make_env,
     run_cli,
@@ -89,9 +93,24 @@ class Args:
     run_name: str | None = None
     """default: <env-group>_<lopt>_s<seed>"""
     save_every: int = 50
+    """meta-steps between checkpoints (the population-sized train state is written in the background)"""
     resume: bool = False
     """continue <out-dir>/<run-name> from its last checkpoint"""
     log_every: int = 10
+    time_limit: float | None = None
+    """wall-clock seconds for the whole command: meta-training stops in time to save and to run the final
+    evaluation (--eval-reserve) within it; --resume continues the run"""
+    eval_reserve: float | None = None
+    """seconds of --time-limit kept for the final evaluation; default: a quarter of the limit (0 with --no-final-eval)"""
+    final_eval: bool = True
+    """evaluate the optimizer against the baselines after meta-training"""
+    val_every: int = 25
+    """validate every this many meta-steps (and at meta-step 0 and the last): train fresh agents with the current
+    optimizer and keep the best-scoring one as optimizer_best.msgpack; 0: no validation"""
+    val_seeds: int = 4
+    """validation agents per task (their seeds are disjoint from the final evaluation's)"""
+    val_steps: int = 50_000
+    """environment steps per validation agent"""
     eval_only: bool = False
     """skip meta-training; evaluate --lopt-path on the group"""
     lopt_path: str | None = PRETRAINED_OPTIMIZER
@@ -117,7 +136,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 512 agents per task, one env each; 3e7 env steps per task = 512 agents * 5 rollouts * 20 steps * 586 meta-steps.
     # Chunks of 64 agents: wider work for an accelerator than the CPU's 8 (a guess; not measured on one).
     "paper": dict(num_agents=512, agents_per_chunk=64, num_envs=1, meta_steps=586, reset_interval=144, meta_lr=1e-3,
-                  eval_seeds=8, eval_steps=1_000_000),
+                  eval_seeds=8, eval_steps=1_000_000, val_seeds=8, val_steps=200_000),
 }
 
 # ================================================================================================
@@ -335,7 +354,9 @@ def read_optimizer_checkpoint(path: str) -> dict:
             raise ValueError("parameter shapes differ from the config's network")
     except Exception as error:  # whatever a malformed file breaks, the user needs the file's name
         raise UserError(f"{path} does not match the network it describes ({type(error).__name__}: {error})")
-    return {"config": config, "params": params, "init_params": init_params, "meta_step": int(tree.get("meta_step", 0))}
+    val_score = tree.get("val_score")  # in optimizer_best.msgpack: the validation score that made it the best
+    return {"config": config, "params": params, "init_params": init_params, "meta_step": int(tree.get("meta_step", 0)),
+            "val_score": None if val_score is None else float(val_score)}
 
 
 def load_optimizer(path: str, learning_rate: float | None = None, grad_clip: float | None = -1.0):
@@ -725,47 +746,69 @@ def resume_settings(args: Args) -> dict:
     for speed)."""
     skip = {"resume", "meta_steps", "save_every", "log_every", "eval_only", "lopt_path", "eval_seeds", "eval_steps",
             "eval_envs", "max_bad_steps", "out_dir", "run_name", "distributed", "coordinator_address",
-            "num_processes", "process_id", "agents_per_chunk"}
+            "num_processes", "process_id", "agents_per_chunk", "time_limit", "eval_reserve", "final_eval", "val_every"}
     return {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
 
 
-def save_checkpoint(folder: str, args: Args, state: MetaState, init_params, bad_steps: int) -> None:
-    """Two atomic files: optimizer.msgpack (what users load) and train_state.msgpack (what --resume needs)."""
-    if jax.process_count() > 1:  # multi-host: every process gathers the sharded population, process 0 writes
+TRAIN_STATE_DIR = "train_state"  # orbax checkpoints of the whole MetaState, for --resume
+
+
+def optimizer_checkpoint(args: Args, lopt_params, init_params, meta_step: int, **extra) -> dict:
+    """What optimizer.msgpack holds: the network's config and parameters, and how they were made."""
+    return {"config": lopt_config(args), "params": lopt_params, "init_params": init_params, "meta_step": meta_step,
+            "command": "python train_lopt.py " + " ".join(sys.argv[1:]), "settings": json.dumps(dataclasses.asdict(args)),
+            **extra}
+
+
+def host_copy(tree):
+    """A replicated pytree on the host; with several processes, gathered first (every process must call this)."""
+    if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        state = multihost_utils.process_allgather(state)
-        if jax.process_index() != 0:
-            return
-    save_msgpack(
-        os.path.join(folder, "train_state.msgpack"),
-        {"settings": json.dumps(resume_settings(args)), "state": state, "bad_steps": bad_steps},
-    )
-    save_msgpack(
-        os.path.join(folder, "optimizer.msgpack"),
-        {
-            "config": lopt_config(args),
-            "params": state.lopt_params,
-            "init_params": init_params,
-            "meta_step": state.meta_step,
-            "command": "python train_lopt.py " + " ".join(sys.argv[1:]),
-            "settings": json.dumps(dataclasses.asdict(args)),
-        },
-    )
+        tree = multihost_utils.process_allgather(tree)
+    return jax.device_get(tree)
 
 
-def load_train_state(folder: str, args: Args, template: MetaState) -> tuple[MetaState, int]:
-    path = os.path.join(folder, "train_state.msgpack")
-    tree = load_msgpack(path)
-    saved = json.loads(tree.get("settings", "{}"))
-    changed = sorted(k for k, v in resume_settings(args).items() if saved.get(k) != v)
-    if changed:
-        raise UserError(f"cannot resume {path}: settings differ from the saved run ({', '.join(changed)})")
-    try:
-        state = serialization.from_state_dict(template, tree["state"])
-    except (ValueError, KeyError) as error:
-        raise UserError(f"cannot resume {path}: state does not match ({error})")
-    return state, int(tree.get("bad_steps", 0))
+class Checkpointer:
+    """optimizer.msgpack: small and portable, written atomically at once. The train state (the whole population,
+    12 GB at the paper's scale) goes to orbax, which copies it off the devices, writes it in a background thread,
+    and commits each step atomically, so meta-training does not wait for the disk (benchmarks/bench_checkpoint.py).
+    """
+
+    def __init__(self, folder: str, args: Args):
+        self.folder, self.args = folder, args
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=True, create=True)
+        self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(folder, TRAIN_STATE_DIR)), options=options)
+        self.blocked_s = 0.0  # the longest a save has held up meta-training
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: MetaState, init_params, bad_steps: int) -> None:
+        start, step = time.time(), int(state.meta_step)
+        meta = {"settings": resume_settings(self.args), "bad_steps": bad_steps}
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)))
+        lopt_params = host_copy(state.lopt_params)
+        if jax.process_index() == 0:
+            save_msgpack(os.path.join(self.folder, "optimizer.msgpack"),
+                         optimizer_checkpoint(self.args, lopt_params, init_params, step))
+        self.blocked_s = max(self.blocked_s, time.time() - start)
+
+    def restore(self, template: MetaState) -> tuple[MetaState, int]:
+        """The latest train state, placed like `template`; a run with other settings is a UserError."""
+        step, where = self.latest_step(), os.path.join(self.folder, TRAIN_STATE_DIR)
+        saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        changed = sorted(k for k, v in resume_settings(self.args).items() if saved["settings"].get(k) != v)
+        if changed:
+            raise UserError(f"cannot resume {where}: settings differ from the saved run ({', '.join(changed)})")
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template)))
+        return restored["state"], int(saved["bad_steps"])
+
+    def close(self) -> None:
+        """Wait for the background write: a run that ends (or is interrupted) leaves its last save complete."""
+        self.manager.wait_until_finished()
+        self.manager.close()
 
 
 # ================================================================================================
@@ -804,37 +847,82 @@ def final_returns(return_sum, return_count) -> np.ndarray:
     return np.where(c > 0, s / np.maximum(c, 1), np.nan)
 
 
+EVAL_STREAM, VAL_STREAM = 1, 2  # the final evaluation and validation draw their seeds from separate key streams
+
+
+def evaluation_keys(seed: int, stream: int, task_index: int, num_seeds: int, flag: str) -> jax.Array:
+    """Agent seeds for one task of an evaluation stream, split over devices like the population."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), stream), task_index)
+    split = jax.jit(lambda k: jax.random.split(k, num_seeds), out_shardings=population_sharding(num_seeds, flag))
+    return split(key)
+
+
+class TaskEvaluator:
+    """Fresh A2C agents on one task, trained with a given optimizer; returns their per-seed final returns.
+
+    The learned optimizer's parameters are an argument of its compiled trainer, so scoring another set of
+    parameters (validation during meta-training) does not compile again.
+    """
+
+    def __init__(self, args: Args, task_index: int, name: str, config: dict, keys: jax.Array, steps: int):
+        self.args, self.keys = dataclasses.replace(args, num_envs=args.eval_envs), keys
+        self.task = Task.make(name, self.args)
+        self.num_updates = steps // (args.rollout_steps * args.eval_envs)
+        net = make_lopt_net(config)
+        lopt_tx = lambda p: with_grad_clip(learned_optimizer(net, p, config["lopt_lr"]), config["grad_clip"])  # noqa: E731
+        self.lopt_train = self._compile(lopt_tx)
+
+    def _compile(self, make_tx, random_policy: bool = False):
+        return jax.jit(jax.vmap(make_a2c_train(self.task, make_tx, self.num_updates, random_policy), (0, None)))
+
+    def lopt(self, lopt_params) -> np.ndarray:
+        return final_returns(*self.lopt_train(self.keys, lopt_params))
+
+    def baseline(self, name: str) -> np.ndarray:
+        """adam, rmsprop (their usual A2C learning rates, the same element-wise clip) or the random policy."""
+        opt = {"adam": optax.adam, "rmsprop": optax.rmsprop, "random": optax.adam}[name]
+        lr, clip = BASELINE_LRS.get(name, BASELINE_LRS["adam"]), self.args.grad_clip
+        train = self._compile(lambda _: with_grad_clip(opt(lr), clip), random_policy=name == "random")
+        return final_returns(*train(self.keys, None))
+
+
 def evaluate(args: Args, task_names, config: dict, lopt_params, init_params, log=print) -> dict:
     """Train args.eval_seeds fresh agents per task and optimizer; return {task: {name: per-seed final returns}}."""
-    args = dataclasses.replace(args, num_envs=args.eval_envs)
-    num_updates = max(1, args.eval_steps // (args.rollout_steps * args.num_envs))
-    net = make_lopt_net(config)
-    lopt_tx = lambda p: with_grad_clip(learned_optimizer(net, p, config["lopt_lr"]), config["grad_clip"])  # noqa: E731
-    baselines = {
-        "adam": lambda _: with_grad_clip(optax.adam(BASELINE_LRS["adam"]), args.grad_clip),
-        "rmsprop": lambda _: with_grad_clip(optax.rmsprop(BASELINE_LRS["rmsprop"]), args.grad_clip),
-    }
-    # Seeds split over devices like the population (a jitted split also places them on every host).
-    split_seeds = jax.jit(lambda k: jax.random.split(k, args.eval_seeds),
-                          out_shardings=population_sharding(args.eval_seeds, "--eval-seeds"))
     results = {}
     for task_index, name in enumerate(task_names):
-        task = Task.make(name, args)
-        keys = split_seeds(jax.random.fold_in(jax.random.PRNGKey(args.seed + 1000), task_index))
-        run = lambda make_tx, params, random_policy=False: final_returns(  # noqa: E731
-            *jax.jit(jax.vmap(make_a2c_train(task, make_tx, num_updates, random_policy), (0, None)))(keys, params)
-        )
         start = time.time()
-        lopt_train = jax.jit(jax.vmap(make_a2c_train(task, lopt_tx, num_updates), (0, None)))
-        results[name] = {
-            "lopt": final_returns(*lopt_train(keys, lopt_params)),
-            "lopt_init": final_returns(*lopt_train(keys, init_params)),
-            **{b: run(make_tx, None) for b, make_tx in baselines.items()},
-            "random": run(baselines["adam"], None, True),
-        }
+        keys = evaluation_keys(args.seed, EVAL_STREAM, task_index, args.eval_seeds, "--eval-seeds")
+        evaluator = TaskEvaluator(args, task_index, name, config, keys, args.eval_steps)
+        results[name] = {"lopt": evaluator.lopt(lopt_params), "lopt_init": evaluator.lopt(init_params),
+                         **{b: evaluator.baseline(b) for b in ("adam", "rmsprop", "random")}}
         log(f"  eval {name}: {time.time() - start:.0f}s "
             + " ".join(f"{k}={np.mean(v):.2f}+-{np.std(v):.2f}" for k, v in results[name].items()))
     return results
+
+
+class Validator:
+    """Scores optimizer parameters during meta-training: the mean normalised return of fresh agents trained with
+    them (--val-seeds x --val-steps per task), over the tasks where Adam beats the random policy at that budget.
+
+    Adam and the random policy are trained once per run. The seeds come from their own key stream, so the
+    optimizer chosen by validation is never selected on the final evaluation's agents.
+    """
+
+    def __init__(self, args: Args, task_names, log=print):
+        start, evaluators, self.baselines = time.time(), {}, {}
+        for task_index, name in enumerate(task_names):
+            keys = evaluation_keys(args.seed, VAL_STREAM, task_index, args.val_seeds, "--val-seeds")
+            evaluators[name] = TaskEvaluator(args, task_index, name, lopt_config(args), keys, args.val_steps)
+            self.baselines[name] = {b: evaluators[name].baseline(b) for b in ("adam", "random")}
+        # Tasks where Adam does not beat random at this budget would add noise; if that is all of them, use all.
+        informative = [t for t in task_names if adam_beats_random(self.baselines[t])] or list(task_names)
+        self.evaluators = {t: evaluators[t] for t in informative}
+        log(f"validation on {', '.join(informative)} ({args.val_seeds} seeds x {args.val_steps:,} env steps; Adam "
+            f"beats random there unless that is no task); baselines took {format_duration(time.time() - start)}")
+
+    def __call__(self, lopt_params) -> float:
+        return float(np.mean([normalized({"lopt": e.lopt(lopt_params), **self.baselines[name]}, "lopt")
+                              for name, e in self.evaluators.items()]))
 
 
 def normalized(r: dict, name: str) -> float:
@@ -854,9 +942,9 @@ def adam_beats_random(r: dict) -> bool:
     return bool(np.mean(adam) - np.mean(rand) > 2 * stderr)
 
 
-def format_eval_table(results: dict) -> str:
+def format_eval_table(results: dict, lopt_step: int) -> str:
     header = f"{'task':<20}" + "".join(f"{n:>10}" for n in EVAL_NAMES) + f"{'norm lopt':>11}{'norm init':>11}"
-    lines = [header]
+    lines = [f"lopt: the optimizer of meta-step {lopt_step}; lopt_init: the same network at meta-step 0", header]
     for task, r in results.items():
         note = "" if adam_beats_random(r) else "  (Adam ~ random: not informative)"
         lines.append(
@@ -874,7 +962,7 @@ def format_eval_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_eval(folder: str, args: Args, results: dict, lopt_path: str) -> None:
+def write_eval(folder: str, args: Args, results: dict, lopt_path: str, lopt_step: int) -> None:
     # NaN (no episode ended in the final window) is written as null: JSON has no NaN.
     finite = lambda v: None if v != v else float(v)  # noqa: E731
     report = {
@@ -887,6 +975,7 @@ def write_eval(folder: str, args: Args, results: dict, lopt_path: str) -> None:
         "eval_steps": args.eval_steps,
         "eval_envs": args.eval_envs,
         "lopt_path": lopt_path,
+        "lopt_meta_step": lopt_step,
     }
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "eval.json"), "w") as f:
@@ -904,20 +993,31 @@ def plot_metrics(csv_path: str, png_path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
+    rows = read_metrics(csv_path)
     if not rows:
         return
-    steps = np.array([int(r["meta_step"]) for r in rows])
+
+    def series(column):  # (meta-steps, values) of the rows where the column was measured
+        kept = [r for r in rows if r.get(column, "") != ""]
+        return [int(r["meta_step"]) for r in kept], [float(r[column]) for r in kept]
+
     tasks = [k[len("return/"):] for k in rows[0] if k.startswith("return/")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for t in tasks:
-        axes[0].plot(steps, [float(r[f"return/{t}"]) for r in rows], label=t)
-        axes[1].plot(steps, [float(r[f"meta_loss/{t}"]) for r in rows], label=t)
+        axes[0].plot(*series(f"return/{t}"), label=t)
+        axes[1].plot(*series(f"meta_loss/{t}"), label=t)
     axes[0].set(xlabel="meta-step", ylabel="mean episode return (population, per log interval)",
                 title="agents during meta-training")
     axes[1].set(xlabel="meta-step", ylabel="meta-loss", title="meta-loss per task", yscale="symlog")
     axes[0].legend(fontsize=7)
+    steps, scores = series("val_score")
+    if scores:
+        best = int(np.argmax(scores))
+        axes[2].plot(steps, scores, "o-", label="validation score")
+        axes[2].plot(steps[best], scores[best], "r*", markersize=14, label=f"best (meta-step {steps[best]})")
+        axes[2].axhline(1.0, color="gray", ls="--", lw=1, label="Adam")
+        axes[2].legend(fontsize=7)
+    axes[2].set(xlabel="meta-step", ylabel="normalised return (0 random, 1 Adam)", title="validation")
     fig.tight_layout()
     fig.savefig(png_path, dpi=90)
     plt.close(fig)
@@ -932,47 +1032,125 @@ def format_duration(seconds: float) -> str:
 # ================================================================================================
 
 
-def meta_train(args: Args, task_names, folder: str) -> tuple[Any, Any]:
-    init, meta_step, state_sharding, *_ = make_meta_train(args, task_names)
-    state = init(jax.random.PRNGKey(args.seed))
-    init_params = jax.device_get(state.lopt_params)  # a host copy: meta_step donates the state's buffers
-    bad_steps_total = 0
-    metrics_path = os.path.join(folder, "metrics.csv")
-    if args.resume:
-        state, bad_steps_total = load_train_state(folder, args, state)
-        state = jax.jit(lambda s: s, out_shardings=state_sharding)(state)  # host arrays -> sharded, on every host
-        start = int(state.meta_step)
-        if os.path.exists(metrics_path):  # drop rows logged after the checkpoint
-            with open(metrics_path) as f:
-                rows = list(csv.DictReader(f))
-            kept = [r for r in rows if int(r["meta_step"]) <= start]
-            with open(metrics_path, "w", newline="") as f:
-                if kept:  # an empty file gets its header with the next row
-                    writer = csv.DictWriter(f, fieldnames=list(kept[0]))
-                    writer.writeheader()
-                    writer.writerows(kept)
-        init_params = read_optimizer_checkpoint(os.path.join(folder, "optimizer.msgpack"))["init_params"]
-        print(f"resumed {folder} at meta-step {start}")
-    elif os.path.exists(os.path.join(folder, "train_state.msgpack")):
+class Deadline:
+    """--time-limit: whether another piece of work of a given length still fits, with the final evaluation's
+    share (--eval-reserve) kept free."""
+
+    def __init__(self, args: Args, clock_start: float):
+        self.limit, self.start = args.time_limit, clock_start
+        default_reserve = 0.25 * args.time_limit if args.time_limit and args.final_eval else 0.0
+        self.reserve = default_reserve if args.eval_reserve is None else args.eval_reserve
+
+    def allows(self, seconds: float) -> bool:
+        return self.limit is None or time.time() - self.start + seconds + self.reserve <= self.limit
+
+
+class MetaTrainResult(NamedTuple):
+    lopt_params: Any  # after the last meta-step run
+    init_params: Any  # at meta-step 0
+    best_params: Any  # the best-validated parameters (the last ones without validation)
+    best_step: int
+    best_score: float | None  # validation score of best_params (None without validation)
+    meta_step: int  # meta-steps done; below --meta-steps when --time-limit stopped the run
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def write_metrics(path: str, rows: list[dict], append: bool = False) -> None:
+    """metrics.csv: one row per log line; the header comes from the first row ever written."""
+    new_file = not append or not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a" if append else "w", newline="") as f:
+        if rows:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            if new_file:
+                writer.writeheader()
+            writer.writerows(rows)
+
+
+def meta_train(args: Args, task_names, folder: str, clock_start: float | None = None) -> MetaTrainResult:
+    """Meta-train, validating and checkpointing as asked; stops early only for --time-limit (or bad meta-steps)."""
+    deadline = Deadline(args, time.time() if clock_start is None else clock_start)
+    state_dir = os.path.join(folder, TRAIN_STATE_DIR)
+    has_run = os.path.isdir(state_dir) and any(name.isdigit() for name in os.listdir(state_dir))  # committed steps
+    if args.resume and not has_run:
+        older = " (train_state.msgpack is from an older version of this script)" if os.path.exists(
+            os.path.join(folder, "train_state.msgpack")) else ""
+        raise UserError(f"cannot resume {folder}: no saved train state in {state_dir}{older}")
+    if not args.resume and (has_run or os.path.exists(os.path.join(folder, "train_state.msgpack"))):
         raise UserError(f"{folder} already holds a run; pass --resume to continue it or choose another --run-name")
-    else:
-        os.makedirs(folder, exist_ok=True)
-        with open(metrics_path, "w") as f:
-            f.write("")
-        with open(os.path.join(folder, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
+    init, meta_step, *_ = make_meta_train(args, task_names)
+    state = init(jax.random.PRNGKey(args.seed))
+    init_params = host_copy(state.lopt_params)  # meta_step donates the state's buffers
+    metrics_path, best_path = os.path.join(folder, "metrics.csv"), os.path.join(folder, "optimizer_best.msgpack")
+    os.makedirs(folder, exist_ok=True)
+    checkpointer = Checkpointer(folder, args)
+    try:
+        bad_steps_total, best = 0, None  # best: (score, meta-step, parameters)
+        if args.resume:
+            state, bad_steps_total = checkpointer.restore(state)
+            if os.path.exists(metrics_path):  # drop rows logged after the checkpoint
+                write_metrics(metrics_path, [r for r in read_metrics(metrics_path)
+                                             if int(r["meta_step"]) <= int(state.meta_step)])
+            init_params = read_optimizer_checkpoint(os.path.join(folder, "optimizer.msgpack"))["init_params"]
+            if os.path.exists(best_path):  # it may be newer than the train state: it was validated all the same
+                saved = read_optimizer_checkpoint(best_path)
+                best = (saved["val_score"], saved["meta_step"], saved["params"])
+            print(f"resumed {folder} at meta-step {int(state.meta_step)}")
+        else:
+            write_metrics(metrics_path, [])
+            with open(os.path.join(folder, "args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=2)
+        return _meta_train_loop(args, task_names, folder, deadline, meta_step, state, init_params, checkpointer,
+                                bad_steps_total, best)
+    finally:
+        checkpointer.close()
+
+
+def _meta_train_loop(args, task_names, folder, deadline, meta_step, state, init_params, checkpointer,
+                     bad_steps_total, best) -> MetaTrainResult:
+    metrics_path, best_path = os.path.join(folder, "metrics.csv"), os.path.join(folder, "optimizer_best.msgpack")
+    validator = Validator(args, task_names) if args.val_every else None
+    val_s = 0.0
+
+    def validate(done: int, lopt_params) -> float:
+        """Score the parameters; keep them as optimizer_best.msgpack (atomically) if they beat the best so far."""
+        nonlocal best, val_s
+        start = time.time()
+        score = validator(lopt_params)
+        val_s = time.time() - start
+        if best is None or score > best[0]:
+            best = (score, done, host_copy(lopt_params))
+            if jax.process_index() == 0:
+                save_msgpack(best_path, optimizer_checkpoint(args, best[2], init_params, done, val_score=score))
+        return score
 
     steps_per_meta_step = env_steps_per_meta_step(args) * len(task_names)
-    consecutive_bad = 0
     print(f"meta-training {args.lopt} on {', '.join(task_names)}: {args.num_agents} agents/task, "
-          f"{args.meta_steps} meta-steps, {steps_per_meta_step} env steps per meta-step")
-    compile_start = time.time()
+          f"{args.meta_steps} meta-steps, {steps_per_meta_step} env steps per meta-step, on "
+          f"{jax.device_count()} {jax.devices()[0].device_kind} device(s) (jax {jax.__version__})")
+    if validator and best is None:
+        score = validate(int(state.meta_step), state.lopt_params)
+        print(f"validation at meta-step {int(state.meta_step)}: {score:.2f} ({format_duration(val_s)})")
+        write_metrics(metrics_path, [metrics_row(int(state.meta_step), steps_per_meta_step, bad_steps_total, {}, {},
+                                                 task_names, score)], append=True)
+    consecutive_bad, compile_start, step_s = 0, time.time(), None
     timer_start, timer_step = None, None
     # Summed over the meta-steps since the last log line: one meta-step ends only a few episodes per task.
     window, step_logged = np.zeros((len(task_names), 3)), int(state.meta_step)  # per task: return sum, count, loss sum
+    done = last_saved = int(state.meta_step)
     for step in range(int(state.meta_step), args.meta_steps):
+        next_val = validator and ((step + 1) % args.val_every == 0 or step + 1 == args.meta_steps)
+        if step_s is not None and not deadline.allows(step_s + checkpointer.blocked_s + (val_s if next_val else 0)):
+            print(f"--time-limit {args.time_limit:g}s: stopped after meta-step {done} of {args.meta_steps}, keeping "
+                  f"{deadline.reserve:.0f}s for the evaluation; --resume continues the run")
+            break
+        step_start = time.time()
         state, metrics = meta_step(state)
         metrics = jax.device_get(metrics)
+        step_s = time.time() - step_start
         window += [[m["return_sum"], m["return_count"], m["meta_loss"]] for m in metrics["tasks"]]
         if timer_start is None:  # the first step includes compilation
             print(f"compiled and ran the first meta-step in {time.time() - compile_start:.0f}s")
@@ -985,38 +1163,49 @@ def meta_train(args: Args, task_names, folder: str) -> tuple[Any, Any]:
                 f"The last good checkpoint in {folder} is intact (try a lower --meta-lr)."
             )
         done = step + 1
-        if done % args.log_every == 0 or done == args.meta_steps:
+        score = validate(done, state.lopt_params) if next_val else None
+        if done % args.log_every == 0 or done == args.meta_steps or next_val:
             returns = {t: w[0] / max(w[1], 1) for t, w in zip(task_names, window)}
             meta_losses = {t: w[2] / (done - step_logged) for t, w in zip(task_names, window)}
-            row = {"meta_step": done, "env_steps": done * steps_per_meta_step, "time": time.time(),
-                   "bad_steps": bad_steps_total}
-            row.update({f"return/{t}": r for t, r in returns.items()})
-            row.update({f"meta_loss/{t}": loss for t, loss in meta_losses.items()})
-            new_file = os.path.getsize(metrics_path) == 0
-            with open(metrics_path, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(row))
-                if new_file:
-                    writer.writeheader()
-                writer.writerow(row)
+            write_metrics(metrics_path, [metrics_row(done, steps_per_meta_step, bad_steps_total, returns, meta_losses,
+                                                     task_names, score)], append=True)
             elapsed = time.time() - timer_start
             rate = (done - timer_step) / elapsed if elapsed > 0 and done > timer_step else float("nan")
             eta = (args.meta_steps - done) / rate if rate == rate and rate > 0 else float("nan")
-            mean_loss = np.mean(list(meta_losses.values()))
+            val_text = f" | val {score:.2f} (best {best[0]:.2f} @ {best[1]})" if score is not None else ""
             print(
                 f"meta-step {done}/{args.meta_steps} | {rate * steps_per_meta_step:,.0f} env steps/s | "
-                f"meta-loss {mean_loss:.3g} | return " + " ".join(f"{t}={r:.2f}" for t, r in returns.items())
-                + f" | bad {bad_steps_total} | ETA {format_duration(eta) if eta == eta else '?'}",
+                f"meta-loss {np.mean(list(meta_losses.values())):.3g} | return "
+                + " ".join(f"{t}={r:.2f}" for t, r in returns.items())
+                + f"{val_text} | bad {bad_steps_total} | ETA {format_duration(eta) if eta == eta else '?'}",
                 flush=True,
             )
             window[:], step_logged = 0.0, done
         if done % args.save_every == 0 or done == args.meta_steps:
-            save_checkpoint(folder, args, state, init_params, bad_steps_total)
+            checkpointer.save(state, init_params, bad_steps_total)
+            last_saved = done
+    if done != last_saved:  # stopped by --time-limit between two checkpoints
+        checkpointer.save(state, init_params, bad_steps_total)
     if os.path.getsize(metrics_path) > 0:
         plot_metrics(metrics_path, os.path.join(folder, "meta_training.png"))
-    return state.lopt_params, init_params
+    lopt_params = host_copy(state.lopt_params)
+    if best is None:
+        return MetaTrainResult(lopt_params, init_params, lopt_params, done, None, done)
+    return MetaTrainResult(lopt_params, init_params, best[2], best[1], best[0], done)
 
 
-def main(args: Args) -> None:
+def metrics_row(done, steps_per_meta_step, bad_steps, returns, meta_losses, task_names, val_score) -> dict:
+    """One metrics.csv row; every row has every column (empty where nothing was measured)."""
+    row = {"meta_step": done, "env_steps": done * steps_per_meta_step, "time": time.time(), "bad_steps": bad_steps}
+    row.update({f"return/{t}": returns.get(t, "") for t in task_names})
+    row.update({f"meta_loss/{t}": meta_losses.get(t, "") for t in task_names})
+    row["val_score"] = "" if val_score is None else val_score
+    return row
+
+
+def main(args: Args, clock_start: float | None = None) -> None:
+    clock_start = time.time() if clock_start is None else clock_start
+    check_settings(args)
     if args.distributed:
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     task_names = ENV_GROUPS[args.env_group]
@@ -1026,19 +1215,47 @@ def main(args: Args) -> None:
             raise UserError("--eval-only needs --lopt-path <optimizer.msgpack>")
         ckpt = read_optimizer_checkpoint(args.lopt_path)
         config, lopt_params, init_params = ckpt["config"], ckpt["params"], ckpt["init_params"]
-        lopt_path = args.lopt_path
+        lopt_path, lopt_step = args.lopt_path, ckpt["meta_step"]
         folder = os.path.join(args.out_dir, args.run_name or f"eval_{args.env_group}")
     else:
         start = time.time()
-        lopt_params, init_params = meta_train(args, task_names, folder)
-        config, lopt_path = lopt_config(args), os.path.join(folder, "optimizer.msgpack")
-        print(f"meta-training took {format_duration(time.time() - start)}; optimizer saved to {lopt_path}")
-    print(f"evaluating on {len(task_names)} task(s): {args.eval_seeds} seeds x {args.eval_steps} env steps each")
+        result = meta_train(args, task_names, folder, clock_start)
+        config, lopt_params, init_params, lopt_step = lopt_config(args), result.best_params, result.init_params, result.best_step
+        best = result.best_score is not None
+        lopt_path = os.path.join(folder, "optimizer_best.msgpack" if best else "optimizer.msgpack")
+        print(f"meta-training took {format_duration(time.time() - start)} ({result.meta_step} meta-steps); "
+              + (f"best validation score {result.best_score:.2f} at meta-step {result.best_step}: " if best else "")
+              + f"optimizer saved to {lopt_path}")
+        if not args.final_eval:
+            return
+    print(f"evaluating {lopt_path} (meta-step {lopt_step}) on {len(task_names)} task(s): {args.eval_seeds} seeds x "
+          f"{args.eval_steps} env steps each")
     start = time.time()
     results = evaluate(args, task_names, config, lopt_params, init_params)
-    write_eval(folder, args, results, lopt_path)
-    print(format_eval_table(results))
+    write_eval(folder, args, results, lopt_path, lopt_step)
+    print(format_eval_table(results, lopt_step))
     print(f"evaluation took {format_duration(time.time() - start)}; wrote {os.path.join(folder, 'eval.json')}")
+
+
+def check_settings(args: Args) -> None:
+    """Reject careless values before anything compiles: one line naming the flag, the value and what is allowed."""
+    check_args(args, positive=("num_agents", "agents_per_chunk", "num_envs", "inner_updates", "rollout_steps",
+                               "reset_interval", "meta_steps", "meta_lr", "meta_grad_clip", "lopt_lr", "hidden_size",
+                               "save_every", "log_every", "time_limit", "val_seeds", "val_steps", "eval_seeds",
+                               "eval_steps", "eval_envs", "max_bad_steps"),
+               non_negative=("grad_clip", "entropy_coef", "eval_reserve", "val_every"))
+    for name in ("gamma", "gae_lambda"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise UserError(f"{flag_name(name)} {getattr(args, name)}: must be in [0, 1]")
+    agents_per_chunk(args)
+    for prefix in ("eval", "val"):
+        steps, envs = getattr(args, f"{prefix}_steps"), args.eval_envs
+        if steps < args.rollout_steps * envs:
+            raise UserError(f"--{prefix}-steps {steps}: must be at least one rollout per agent (--rollout-steps x "
+                            f"--eval-envs = {args.rollout_steps * envs})")
+    if args.time_limit and (args.eval_reserve or 0) >= args.time_limit:
+        raise UserError(f"--eval-reserve {args.eval_reserve}: must be less than --time-limit {args.time_limit}")
+    check_writable_dir(args.out_dir)
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -1055,4 +1272,5 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(parse_args()))
+    CLOCK_START = time.time()  # --time-limit counts from here (imports take a few seconds more)
+    run_cli(lambda: main(parse_args(), CLOCK_START))

@@ -53,7 +53,8 @@ from train_lopt import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("catch",)  # catch: cheapest to compile, and its 9-step episodes end inside tiny evaluations
 TINY = dict(env_group="catch", num_agents=2, num_envs=1, rollout_steps=4, inner_updates=2, hidden_size=8,
-            meta_steps=2, save_every=1, log_every=1, eval_seeds=2, eval_steps=64, eval_envs=1, seed=0)
+            meta_steps=2, save_every=1, log_every=1, eval_seeds=2, eval_steps=64, eval_envs=1, seed=0, val_every=0,
+            val_seeds=2, val_steps=64)
 SIGN_SGD = 1.0 / math.sqrt(1.0 + 1e-8)  # Optim4RL at initialisation: sign(g) / sqrt(exp(0) + 1e-8)
 
 
@@ -100,9 +101,27 @@ def trained(tmp_path_factory):
     """A finished 2-meta-step run (save_every=1, log_every=1) in its own folder."""
     folder = str(tmp_path_factory.mktemp("trained"))
     args = tiny_args(out_dir=folder)
-    lopt_params, init_params = meta_train(args, TASKS, folder)
+    result = meta_train(args, TASKS, folder)
     return SimpleNamespace(folder=folder, path=os.path.join(folder, "optimizer.msgpack"), args=args,
-                           lopt_params=jax.device_get(lopt_params), init_params=init_params)
+                           lopt_params=result.lopt_params, init_params=result.init_params)
+
+
+@pytest.fixture(scope="module")
+def full4(tmp_path_factory):
+    """The tiny run taken to 4 meta-steps in one go: what resumed and time-limited runs must reproduce."""
+    folder = str(tmp_path_factory.mktemp("full4"))
+    return SimpleNamespace(folder=folder, result=meta_train(tiny_args(meta_steps=4), TASKS, folder))
+
+
+def saved_train_state(folder: str):
+    """The train state of a run's latest checkpoint, as host arrays (orbax, no template needed)."""
+    import orbax.checkpoint as ocp
+
+    step = max(int(d) for d in os.listdir(os.path.join(folder, tl.TRAIN_STATE_DIR)) if d.isdigit())
+    path = os.path.join(os.path.abspath(folder), tl.TRAIN_STATE_DIR, str(step))
+    with open(os.path.join(path, "meta", "metadata")) as f:
+        meta = json.load(f)
+    return step, ocp.StandardCheckpointer().restore(os.path.join(path, "state")), meta
 
 
 # ------------------------------------------------------------------------------------------------
@@ -477,7 +496,7 @@ def test_checkpoint_round_trip(trained):
     params = {"w": jnp.array([1.0, -2.0, 0.0])}
     updates, _ = tx.update(params, tx.init(params))
     assert np.all(np.isfinite(updates["w"])) and updates["w"][0] < 0 < updates["w"][1]
-    assert os.path.exists(os.path.join(trained.folder, "train_state.msgpack"))
+    assert saved_train_state(trained.folder)[0] == 2
     assert [int(r["meta_step"]) for r in read_rows(os.path.join(trained.folder, "metrics.csv"))] == [1, 2]
 
 
@@ -529,10 +548,10 @@ def test_checkpoint_malformed_is_user_error(tmp_path, case):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_resume_matches_uninterrupted(trained, tmp_path):
+def test_resume_matches_uninterrupted(trained, full4, tmp_path):
     """4 meta-steps in one go == 2 meta-steps (the `trained` run, copied) + resume to 4: identical state."""
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    full_params, _ = meta_train(tiny_args(meta_steps=4), TASKS, full)
+    full, part = full4.folder, str(tmp_path / "part")
+    full_params = full4.result.lopt_params
     shutil.copytree(trained.folder, part)
     with pytest.raises(UserError, match="already holds a run"):  # a new run may not overwrite it
         meta_train(tiny_args(meta_steps=4), TASKS, part)
@@ -540,12 +559,11 @@ def test_resume_matches_uninterrupted(trained, tmp_path):
         meta_train(tiny_args(meta_steps=4, resume=True, lopt_lr=2e-3), TASKS, part)
     # The chunk size trades memory for speed only, so a run may resume with another one.
     assert tl.resume_settings(tiny_args(agents_per_chunk=1)) == tl.resume_settings(tiny_args())
-    resumed_params, resumed_init = meta_train(tiny_args(meta_steps=4, resume=True), TASKS, part)
-    leaves_equal(resumed_params, full_params, atol=1e-6)
-    leaves_equal(resumed_init, trained.init_params)
+    resumed = meta_train(tiny_args(meta_steps=4, resume=True), TASKS, part)
+    leaves_equal(resumed.lopt_params, full_params, atol=1e-6)
+    leaves_equal(resumed.init_params, trained.init_params)
     # The whole training state (agents, meta-optimizer state, key) matches too.
-    leaves_equal(load_msgpack(os.path.join(part, "train_state.msgpack"))["state"],
-                 load_msgpack(os.path.join(full, "train_state.msgpack"))["state"], atol=1e-6)
+    leaves_equal(saved_train_state(part)[1], saved_train_state(full)[1], atol=1e-6)
     assert read_optimizer_checkpoint(os.path.join(part, "optimizer.msgpack"))["meta_step"] == 4
     rows = read_rows(os.path.join(part, "metrics.csv"))
     assert [int(r["meta_step"]) for r in rows] == [1, 2, 3, 4]
@@ -566,24 +584,25 @@ def test_logged_metrics_average_the_log_interval(trained, tmp_path):
 
 def test_resume_without_checkpoint_is_user_error(tmp_path):
     """--resume on a folder without a run names the missing file."""
-    with pytest.raises(UserError, match="train_state.msgpack"):
+    with pytest.raises(UserError, match="cannot resume .*nothing: no saved train state in .*train_state"):
         meta_train(tiny_args(resume=True), TASKS, str(tmp_path / "nothing"))
+    assert not os.path.exists(tmp_path / "nothing")  # nothing was created that a new run would trip over
 
 
 def test_resume_after_interrupt_before_first_log(tmp_path, monkeypatch):
     """Ctrl-C right after the step-1 checkpoint (log_every=2, nothing logged yet), then --resume."""
     folder = str(tmp_path / "run")
-    real_save = tl.save_checkpoint
+    real_save = tl.Checkpointer.save
 
-    def save_then_interrupt(folder_, args_, state, *rest):
-        real_save(folder_, args_, state, *rest)
+    def save_then_interrupt(self, state, *rest):
+        real_save(self, state, *rest)
         if int(state.meta_step) == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(tl, "save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(tl.Checkpointer, "save", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         meta_train(tiny_args(meta_steps=3, log_every=2), TASKS, folder)
-    monkeypatch.setattr(tl, "save_checkpoint", real_save)
+    monkeypatch.setattr(tl.Checkpointer, "save", real_save)
     meta_train(tiny_args(meta_steps=3, log_every=2, resume=True), TASKS, folder)
     rows = read_rows(os.path.join(folder, "metrics.csv"))
     assert [int(r["meta_step"]) for r in rows] == [2, 3]
@@ -645,7 +664,7 @@ def test_non_finite_meta_gradients_stop_the_run(tmp_path):
     assert ckpt["meta_step"] == 1
     assert tree_finite(ckpt["params"])
     leaves_equal(ckpt["params"], ckpt["init_params"])  # non-finite meta-gradients were not applied
-    assert load_msgpack(os.path.join(folder, "train_state.msgpack"))["bad_steps"] == 1
+    assert saved_train_state(folder)[2]["bad_steps"] == 1
     tx = load_optimizer(os.path.join(folder, "optimizer.msgpack"), learning_rate=0.1)
     g = {"w": jnp.array([1.0, -1.0])}
     np.testing.assert_allclose(tx.update(g, tx.init(g))[0]["w"], [-0.1 * SIGN_SGD, 0.1 * SIGN_SGD], rtol=1e-6)
@@ -692,8 +711,7 @@ def test_main_end_to_end(tmp_path):
     out = str(tmp_path)
     tl.main(tiny_args(out_dir=out, run_name="run"))
     folder = os.path.join(out, "run")
-    for name in ("optimizer.msgpack", "train_state.msgpack", "metrics.csv", "meta_training.png", "eval.json",
-                 "args.json"):
+    for name in ("optimizer.msgpack", "metrics.csv", "meta_training.png", "eval.json", "args.json"):
         assert os.path.getsize(os.path.join(folder, name)) > 0, name
     report = json.load(open(os.path.join(folder, "eval.json")))
     assert set(report["envs"]) == set(TASKS)
@@ -807,3 +825,202 @@ def test_cli_help(cli):
     proc = cli["help"]
     assert proc.returncode == 0
     assert "--num-agents" in proc.stdout and "--no-pipeline" in proc.stdout and "--lopt-path" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# 14. Careless flag values: one line naming the flag, before anything compiles
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--num-agents", "0"], "--num-agents 0"),  # not reported as a problem with --agents-per-chunk
+    (["--num-agents", "-3"], "--num-agents -3"),
+    (["--agents-per-chunk", "0"], "--agents-per-chunk 0"),
+    (["--num-agents", "6", "--agents-per-chunk", "4"], "--num-agents 6 must be a multiple of --agents-per-chunk 4"),
+    (["--num-envs", "0"], "--num-envs 0"),
+    (["--inner-updates", "0"], "--inner-updates 0"),
+    (["--rollout-steps", "-1"], "--rollout-steps -1"),
+    (["--reset-interval", "0"], "--reset-interval 0"),
+    (["--meta-steps", "0"], "--meta-steps 0"),
+    (["--meta-lr", "nan"], "--meta-lr nan"),
+    (["--meta-lr", "-1e-3"], "--meta-lr -0.001"),
+    (["--lopt-lr", "inf"], "--lopt-lr inf"),
+    (["--lopt-lr", "0"], "--lopt-lr 0"),
+    (["--meta-grad-clip", "0"], "--meta-grad-clip 0"),
+    (["--grad-clip", "-1"], "--grad-clip -1"),
+    (["--grad-clip", "nan"], "--grad-clip nan"),
+    (["--gamma", "1.5"], "--gamma 1.5"),
+    (["--gae-lambda", "nan"], "--gae-lambda nan"),
+    (["--entropy-coef", "-0.01"], "--entropy-coef -0.01"),
+    (["--hidden-size", "0"], "--hidden-size 0"),
+    (["--save-every", "0"], "--save-every 0"),
+    (["--log-every", "0"], "--log-every 0"),
+    (["--max-bad-steps", "0"], "--max-bad-steps 0"),
+    (["--eval-seeds", "0"], "--eval-seeds 0"),
+    (["--eval-envs", "0"], "--eval-envs 0"),
+    (["--eval-steps", "100"], "--eval-steps 100: must be at least one rollout"),  # 20 steps x 32 envs = 640
+    (["--val-steps", "10"], "--val-steps 10: must be at least one rollout"),
+    (["--val-seeds", "0"], "--val-seeds 0"),
+    (["--val-every", "-1"], "--val-every -1"),
+    (["--time-limit", "0"], "--time-limit 0"),
+    (["--time-limit", "100", "--eval-reserve", "100"], "--eval-reserve 100"),
+    (["--out-dir", "README.md/runs"], "--out-dir README.md/runs: cannot write there"),
+])
+def test_bad_settings_are_one_line_errors(flags, named, monkeypatch):
+    """Each careless value is a UserError naming the flag and the value, raised by check_settings (parse time)."""
+    monkeypatch.chdir(REPO)
+    with pytest.raises(UserError) as error:
+        tl.check_settings(tl.parse_args(flags))
+    message = str(error.value)
+    assert message.startswith(named) and "\n" not in message, message
+
+
+def test_good_settings_pass_and_zero_val_every_turns_validation_off(tmp_path):
+    tl.check_settings(tl.parse_args(["--out-dir", str(tmp_path)]))
+    tl.check_settings(tl.parse_args(["--val-every", "0", "--grad-clip", "0", "--out-dir", str(tmp_path / "new")]))
+    assert os.path.isdir(tmp_path / "new")  # an output folder that does not exist yet is created, not an error
+    tl.check_settings(tl.parse_args(["--preset", "paper", "--out-dir", str(tmp_path)]))
+
+
+def test_checkpoint_path_is_a_directory(tmp_path):
+    with pytest.raises(UserError, match="is a directory"):
+        read_optimizer_checkpoint(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# 15. Validation during meta-training: the best optimizer is kept, survives resume, and loads
+# ------------------------------------------------------------------------------------------------
+
+
+def test_validation_and_evaluation_seeds_are_disjoint():
+    """Validation agents never share a seed with the final evaluation's, for any task or seed count."""
+    for task_index in range(6):
+        val = np.asarray(jax.random.key_data(tl.evaluation_keys(0, tl.VAL_STREAM, task_index, 16, "--val-seeds")))
+        for other in range(6):
+            evl = np.asarray(jax.random.key_data(tl.evaluation_keys(0, tl.EVAL_STREAM, other, 16, "--eval-seeds")))
+            assert not any((v == e).all() for v in val for e in evl)
+    a = tl.evaluation_keys(0, tl.EVAL_STREAM, 0, 4, "--eval-seeds")
+    np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(
+        tl.evaluation_keys(0, tl.EVAL_STREAM, 0, 4, "--eval-seeds")))  # and they are reproducible
+
+
+def scripted_validation(monkeypatch, scores: dict):
+    """Replace the validator's score by a script {meta-step: score}, recording which parameters it saw."""
+    seen = {}
+
+    def fake_init(self, args, task_names, log=print):
+        pass
+
+    def fake_call(self, lopt_params):
+        step = sorted(scores)[len(seen)]  # validations come in meta-step order
+        seen[step] = jax.device_get(lopt_params)
+        return scores[step]
+
+    monkeypatch.setattr(tl.Validator, "__init__", fake_init)
+    monkeypatch.setattr(tl.Validator, "__call__", fake_call)
+    return seen
+
+
+def test_validation_keeps_the_best_and_survives_resume(trained, tmp_path, monkeypatch):
+    """Scores 0.2 (step 0), 0.9 (step 2), then 0.5 (step 4) after a resume: the step-2 optimizer stays the best,
+    in optimizer_best.msgpack, in metrics.csv and as what main() would evaluate; it loads through load_optimizer."""
+    folder = str(tmp_path / "run")
+    seen = scripted_validation(monkeypatch, {0: 0.2, 2: 0.9})
+    first = meta_train(tiny_args(val_every=2), TASKS, folder)
+    assert (first.best_step, first.best_score) == (2, 0.9)
+    best_path = os.path.join(folder, "optimizer_best.msgpack")
+    best = read_optimizer_checkpoint(best_path)
+    assert best["meta_step"] == 2 and load_msgpack(best_path)["val_score"] == 0.9
+    leaves_equal(best["params"], seen[2])
+    leaves_equal(best["params"], trained.lopt_params, atol=1e-6)  # the step-2 optimizer of the same run
+
+    seen = scripted_validation(monkeypatch, {4: 0.5})  # resumed: no second step-0 validation
+    resumed = meta_train(tiny_args(val_every=2, meta_steps=4, resume=True), TASKS, folder)
+    assert list(seen) == [4] and (resumed.best_step, resumed.best_score) == (2, 0.9)
+    leaves_equal(resumed.best_params, best["params"])
+    assert read_optimizer_checkpoint(best_path)["meta_step"] == 2
+    assert not np.allclose(jax.tree.leaves(resumed.lopt_params)[0], jax.tree.leaves(best["params"])[0])
+    rows = read_rows(os.path.join(folder, "metrics.csv"))
+    assert [(int(r["meta_step"]), r["val_score"]) for r in rows] == [(0, "0.2"), (1, ""), (2, "0.9"), (3, ""),
+                                                                    (4, "0.5")]
+    tx = load_optimizer(best_path)
+    g = {"w": jnp.array([1.0, -1e-3])}
+    updates, _ = tx.update(g, tx.init(g))
+    assert np.all(np.isfinite(updates["w"])) and updates["w"][0] < 0 < updates["w"][1]
+
+
+def test_validator_scores_against_its_baselines(tmp_path):
+    """The real Validator on catch: scores are normalised by Adam and random on the validation seeds,
+    and equal parameters give equal scores (its trainer is compiled once, the parameters are an argument)."""
+    args = tiny_args(val_seeds=2, val_steps=64)
+    validator = tl.Validator(args, TASKS, log=lambda *_: None)
+    params = init_lopt_params(make_lopt_net(lopt_config(args)), jax.random.PRNGKey(0))
+    score = validator(params)
+    assert math.isfinite(score) and score == validator(params)
+    returns = validator.evaluators["catch"].lopt(params)
+    assert score == pytest.approx(tl.normalized({"lopt": returns, **validator.baselines["catch"]}, "lopt"))
+
+
+# ------------------------------------------------------------------------------------------------
+# 16. --time-limit: stop in time, save, and resume to the uninterrupted result
+# ------------------------------------------------------------------------------------------------
+
+
+def test_deadline_keeps_the_evaluation_reserve():
+    start = 1000.0
+    args = tiny_args(time_limit=100.0)
+    deadline = tl.Deadline(args, start)
+    assert deadline.reserve == 25.0  # a quarter of the limit by default
+    assert tl.Deadline(tiny_args(time_limit=100.0, final_eval=False), start).reserve == 0.0
+    assert tl.Deadline(tiny_args(time_limit=100.0, eval_reserve=10.0), start).reserve == 10.0
+    now = tl.time.time()
+    deadline.start = now - 50.0  # 50 s spent, 25 kept: 25 s of work still fits, 30 does not
+    assert deadline.allows(20.0) and not deadline.allows(30.0)
+    assert tl.Deadline(tiny_args(), start).allows(1e9)  # no limit
+
+
+def test_time_limit_stops_saves_and_resumes_to_the_same_result(full4, tmp_path, monkeypatch):
+    """A run whose deadline allows only one more meta-step after the first stops at 2 of 4 with everything saved;
+    --resume then ends where the uninterrupted 4-step run ends."""
+    folder = str(tmp_path / "run")
+    calls = []
+    monkeypatch.setattr(tl.Deadline, "allows", lambda self, seconds: calls.append(seconds) or len(calls) < 2)
+    stopped = meta_train(tiny_args(meta_steps=4, save_every=10, time_limit=1e6), TASKS, folder)
+    assert stopped.meta_step == 2 and len(calls) == 2 and all(s > 0 for s in calls)
+    assert read_optimizer_checkpoint(os.path.join(folder, "optimizer.msgpack"))["meta_step"] == 2
+    assert saved_train_state(folder)[0] == 2  # saved at the stop although --save-every is 10
+    monkeypatch.undo()
+    resumed = meta_train(tiny_args(meta_steps=4, save_every=10, resume=True), TASKS, folder)
+    assert resumed.meta_step == 4
+    leaves_equal(resumed.lopt_params, full4.result.lopt_params, atol=1e-6)
+    leaves_equal(saved_train_state(folder)[1], saved_train_state(full4.folder)[1], atol=1e-6)
+
+
+def test_paper_job_script_leaves_small_files(tmp_path):
+    """benchmarks/paper_job.sh with the tiny config (flags after OUT_DIR override the paper preset): OUT_DIR holds
+    the optimizers, evaluation, metrics, plot and log, each small; a second job with the same WORK_DIR resumes."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    flags = [a for k, v in {**TINY, "val_every": 2, "reset_interval": 64, "meta_lr": 3e-3}.items()
+             for a in (tl.flag_name(k), str(v))]
+    cache = jax.config.jax_compilation_cache_dir  # conftest's: the tiny programs are compiled there already
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, WORK_DIR=str(work),
+               JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    job = lambda *extra: subprocess.run(["bash", "benchmarks/paper_job.sh", "600", str(out), *flags, *extra],  # noqa: E731
+                                        cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
+    proc = job()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = {"optimizer.msgpack", "optimizer_best.msgpack", "eval.json", "metrics.csv", "meta_training.png",
+                "args.json", "job.log"}
+    assert set(os.listdir(out)) == expected
+    assert all(os.path.getsize(out / name) < 200_000 for name in expected)
+    assert os.path.isdir(work / "run" / tl.TRAIN_STATE_DIR)  # the train state stays out of OUT_DIR
+    log = (out / "job.log").read_text()
+    assert "meta-step 2/2" in log and "evaluation took" in log and "Traceback" not in log
+    assert json.load(open(out / "eval.json"))["lopt_path"].endswith("optimizer_best.msgpack")
+
+    proc = job("--meta-steps", "3", "--no-final-eval")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (out / "job.log").read_text()
+    assert "resumed" in log and "meta-step 3/3" in log
+    assert read_optimizer_checkpoint(str(out / "optimizer.msgpack"))["meta_step"] == 3
