@@ -217,17 +217,23 @@ def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def check_args(args: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
-    """Each named Args field must be finite and > 0 (positive) or >= 0 (non_negative); None is left alone.
+def check_args(args: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+               unit_interval: tuple[str, ...] = ()) -> None:
+    """Each named Args field must be finite and > 0 (positive), >= 0 (non_negative) or in [0, 1] (unit_interval);
+    None is left alone. `seed`, where Args has one, must fit the 32 bits that jax.random.PRNGKey keeps.
 
-    Called before anything compiles, so a careless value costs nothing; NaN and inf fail both tests.
+    Called before anything compiles, so a careless value costs nothing; NaN and inf fail every test.
     """
     for names, allowed, ok in ((positive, "a finite number > 0", lambda v: v > 0),
-                               (non_negative, "a finite number >= 0", lambda v: v >= 0)):
+                               (non_negative, "a finite number >= 0", lambda v: v >= 0),
+                               (unit_interval, "in [0, 1]", lambda v: 0 <= v <= 1)):
         for name in names:
             value = getattr(args, name)
             if value is not None and not (math.isfinite(value) and ok(value)):
                 raise UserError(f"{flag_name(name)} {value}: must be {allowed}")
+    seed = getattr(args, "seed", 0)
+    if not 0 <= seed < 2**32:
+        raise UserError(f"--seed {seed}: must be an integer in [0, {2**32 - 1}]")
 
 
 def check_writable_dir(path: str, flag: str = "--out-dir") -> None:

@@ -35,7 +35,7 @@ from brax.training.acme import running_statistics, specs
 from brax.training.agents.ppo import losses as brax_ppo_losses
 from brax.training.agents.ppo import networks as brax_ppo_networks
 
-from common import PRETRAINED_OPTIMIZER, UserError, run_cli
+from common import PRETRAINED_OPTIMIZER, UserError, check_args, check_writable_dir, run_cli
 
 OptimizerName = Literal["adam", "rmsprop", "sgd", "lopt"]
 
@@ -56,7 +56,7 @@ class Args:
     lopt_lr: float = 3e-4
     """learning rate multiplying the learned optimizer's output (the paper: 3e-4)"""
     lopt_grad_clip: float = 1.0
-    """element-wise gradient clip before the learned optimizer (the paper: 1)"""
+    """element-wise gradient clip before the learned optimizer (the paper: 1; 0: no clip)"""
     learning_rate: float = 3e-4
     """learning rate of adam, rmsprop and sgd"""
     max_grad_norm: float | None = None
@@ -82,10 +82,11 @@ class Args:
     action_repeat: int = 1
     normalize_observations: bool = True
     num_evals: int = 10
-    """evaluations during training, evenly spaced, plus one before training"""
+    """evaluations during training, evenly spaced, plus one before training (at most one per PPO update)"""
     num_eval_envs: int = 16
     """deterministic evaluation episodes (policy mean) per evaluation, on separate environments"""
     seed: int = 0
+    """0 to 2**32 - 1 (jax.random.PRNGKey keeps 32 bits)"""
     out_dir: str = "runs"
     run_name: str | None = None
     """default: brax_<env>_<backend>_s<seed>"""
@@ -147,16 +148,29 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 
 def check_settings(args: Args) -> None:
+    """Reject careless flag values with one line naming the flag, before anything is built or compiled."""
     if args.env not in envs._envs:  # Brax's registry
         raise UserError(f"unknown --env {args.env!r}; Brax environments: {', '.join(sorted(envs._envs))}")
+    if not args.optimizers:
+        raise UserError("--optimizers: give at least one of adam, rmsprop, sgd, lopt")
     if len(set(args.optimizers)) != len(args.optimizers):
         raise UserError(f"--optimizers lists a name twice: {' '.join(args.optimizers)}")
+    check_args(args, positive=("total_timesteps", "num_seeds", "num_envs", "batch_size", "num_minibatches",
+                               "unroll_length", "num_updates_per_batch", "episode_length", "action_repeat",
+                               "num_evals", "num_eval_envs", "learning_rate", "lopt_lr", "max_grad_norm",
+                               "reward_scaling", "clipping_epsilon"),
+               non_negative=("lopt_grad_clip", "entropy_cost", "value_coef"),
+               unit_interval=("discounting", "gae_lambda"))
     segments = args.batch_size * args.num_minibatches
     if segments % args.num_envs:
-        raise UserError(f"--batch-size x --num-minibatches ({segments}) must be a multiple of --num-envs "
-                        f"({args.num_envs}): each update collects whole unrolls from every environment")
+        raise UserError(f"--num-envs {args.num_envs}: must divide --batch-size x --num-minibatches ({segments}): "
+                        "each update collects whole unrolls from every environment")
     if args.episode_length % args.action_repeat:
-        raise UserError("--episode-length must be a multiple of --action-repeat")
+        raise UserError(f"--episode-length {args.episode_length}: must be a multiple of --action-repeat "
+                        f"({args.action_repeat})")
+    if args.total_timesteps < (per_update := env_steps_per_update(args)):
+        raise UserError(f"--total-timesteps {args.total_timesteps}: must be at least {per_update:,}, one PPO update "
+                        "(--batch-size x --num-minibatches x --unroll-length x --action-repeat)")
 
 
 # ================================================================================================
@@ -182,24 +196,30 @@ class RunnerState(NamedTuple):
     key: jax.Array
 
 
-def eval_schedule(args: Args) -> tuple[np.ndarray, np.ndarray]:
-    """(PPO updates before each evaluation, env steps per seed at each evaluation), num_evals + 1 of each.
+def env_steps_per_update(args: Args) -> int:
+    """One PPO update collects batch_size x num_minibatches segments of unroll_length agent steps."""
+    return args.batch_size * args.num_minibatches * args.unroll_length * args.action_repeat
 
-    One update collects batch_size x num_minibatches segments of unroll_length steps. Evaluation 0 comes
-    before training; the updates are shared as evenly as possible among the other num_evals.
+
+def eval_schedule(args: Args) -> tuple[np.ndarray, np.ndarray]:
+    """(PPO updates before each evaluation, env steps per seed at each evaluation), one entry per evaluation.
+
+    Evaluation 0 comes before training; the updates are shared as evenly as possible among the other
+    num_evals. A budget of fewer updates than num_evals is evaluated after each update instead, so that
+    no evaluation merely repeats the one before it.
     """
-    env_steps_per_update = args.batch_size * args.num_minibatches * args.unroll_length * args.action_repeat
-    num_updates = math.ceil(args.total_timesteps / env_steps_per_update)
-    updates_per_period = np.diff(np.linspace(0, num_updates, args.num_evals + 1).round().astype(int), prepend=0)
-    return updates_per_period, np.cumsum(updates_per_period) * env_steps_per_update
+    num_updates = math.ceil(args.total_timesteps / env_steps_per_update(args))
+    num_evals = min(args.num_evals, num_updates)
+    updates_per_period = np.diff(np.linspace(0, num_updates, num_evals + 1).round().astype(int), prepend=0)
+    return updates_per_period, np.cumsum(updates_per_period) * env_steps_per_update(args)
 
 
 def make_train(args: Args, env: envs.Env, optimizer: optax.GradientTransformation,
                on_eval: Callable[[int, np.ndarray], None] | None = None,
                on_trained: Callable[[int], None] | None = None):
-    """train(keys) -> (final RunnerState, eval returns [num_evals + 1, num_seeds]); jit it.
+    """train(keys) -> (final RunnerState, eval returns [evaluations, num_seeds]); jit it.
 
-    One PPO run per key, vmapped. Before training and after each of num_evals equal periods of PPO
+    One PPO run per key, vmapped. Before training and after each of the equal periods of PPO
     updates, the deterministic policy is evaluated. From inside the running program, on the host,
     on_trained(period) is called when a period's updates are done and on_eval(period, returns) when its
     evaluation is: progress lines, and timing of training apart from evaluation.
@@ -325,7 +345,7 @@ def make_train(args: Args, env: envs.Env, optimizer: optax.GradientTransformatio
                 jax.debug.callback(on_eval, index, returns, ordered=True)
             return runners, returns
 
-        inputs = (jnp.arange(args.num_evals + 1), jnp.asarray(updates_per_period))
+        inputs = (jnp.arange(len(updates_per_period)), jnp.asarray(updates_per_period))
         return jax.lax.scan(run_period, runners, inputs)
 
     return train
@@ -341,7 +361,10 @@ def make_optimizer(name: OptimizerName, args: Args) -> optax.GradientTransformat
     if name == "lopt":
         from train_lopt import load_optimizer  # noqa: PLC0415 (imported only when a learned optimizer is used)
 
-        return load_optimizer(args.lopt_path, learning_rate=args.lopt_lr, grad_clip=args.lopt_grad_clip)
+        try:
+            return load_optimizer(args.lopt_path, learning_rate=args.lopt_lr, grad_clip=args.lopt_grad_clip)
+        except UserError as error:  # the message names the file; say which flag gave it
+            raise UserError(f"--lopt-path: {error}") from None
     tx = {"adam": optax.adam, "rmsprop": optax.rmsprop, "sgd": optax.sgd}[name](args.learning_rate)
     return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), tx) if args.max_grad_norm else tx
 
@@ -353,6 +376,15 @@ def make_optimizer(name: OptimizerName, args: Args) -> optax.GradientTransformat
 
 def format_duration(seconds: float) -> str:
     return f"{seconds / 60:.1f}m" if seconds >= 60 else f"{seconds:.0f}s"
+
+
+def steps_per_second(steps: float, seconds: float) -> float | None:
+    """A rate, or None when no time was measured: a tiny budget can run within the clock's resolution."""
+    return steps / seconds if seconds > 0 else None
+
+
+def format_rate(rate: float | None) -> str:
+    return "?" if rate is None else f"{rate:,.0f}"
 
 
 class ProgressPrinter:
@@ -379,11 +411,12 @@ class ProgressPrinter:
         if self.first_eval_time is None:
             self.first_eval_time = now
             rate_text, eta_text = "", ""
-        else:
+        else:  # a progress line must never end a run: no time measured or no steps yet print '?'
             self.eval_s += now - self.last_event_time
-            rate = self.num_seeds * steps / (now - self.first_eval_time)
-            rate_text = f" | {rate:,.0f} env steps/s ({self.num_seeds * steps / self.train_s:,.0f} without evaluation)"
-            eta_text = f" | ETA {format_duration(self.num_seeds * (total - steps) / rate)}"
+            rate = steps_per_second(self.num_seeds * steps, now - self.first_eval_time)
+            train_rate = steps_per_second(self.num_seeds * steps, self.train_s)
+            rate_text = f" | {format_rate(rate)} env steps/s ({format_rate(train_rate)} without evaluation)"
+            eta_text = f" | ETA {format_duration(self.num_seeds * (total - steps) / rate) if rate else '?'}"
         self.last_event_time = now
         returns = np.asarray(returns)
         print(f"[{self.name}] {steps:,}/{total:,} env steps x {self.num_seeds} seeds{rate_text} | eval return "
@@ -394,7 +427,7 @@ def write_returns_csv(path: str, curves: dict[str, np.ndarray], env_steps: np.nd
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["optimizer", "seed", "env_steps", "eval_return"])
-        for name, returns in curves.items():  # returns: [num_evals + 1, num_seeds]
+        for name, returns in curves.items():  # returns: [evaluations, num_seeds]
             for seed in range(returns.shape[1]):
                 for steps, value in zip(env_steps, returns[:, seed]):
                     writer.writerow([name, seed, int(steps), f"{value:.4f}"])
@@ -422,8 +455,8 @@ def format_summary_table(summary: dict) -> str:
     lines = [f"{'optimizer':<10}{'final return':>22}{'wall time':>11}{'env steps/s':>13}{'without eval':>14}"]
     for name, s in summary.items():
         final = f"{s['final_return_mean']:.1f} +- {s['final_return_std']:.1f}"
-        lines.append(f"{name:<10}{final:>22}{format_duration(s['wall_time_s']):>11}{s['env_steps_per_s']:>13,.0f}"
-                     f"{s['train_env_steps_per_s']:>14,.0f}")
+        lines.append(f"{name:<10}{final:>22}{format_duration(s['wall_time_s']):>11}"
+                     f"{format_rate(s['env_steps_per_s']):>13}{format_rate(s['train_env_steps_per_s']):>14}")
     return "\n".join(lines)
 
 
@@ -433,7 +466,7 @@ def format_summary_table(summary: dict) -> str:
 
 
 def run_optimizer(name: str, args: Args, env: envs.Env, optimizer, keys) -> tuple[np.ndarray, dict]:
-    """Compile and run one optimizer's PPO runs; returns eval returns [num_evals + 1, num_seeds] and timings."""
+    """Compile and run one optimizer's PPO runs; returns eval returns [evaluations, num_seeds] and timings."""
     env_steps_at_eval = eval_schedule(args)[1]
     progress = ProgressPrinter(name, env_steps_at_eval, args.num_seeds)
     train = make_train(args, env, optimizer, on_eval=progress, on_trained=progress.trained)
@@ -445,6 +478,7 @@ def run_optimizer(name: str, args: Args, env: envs.Env, optimizer, keys) -> tupl
     returns = np.asarray(jax.device_get(returns))
     end = time.time()
     # Throughput from the first evaluation on: that excludes compilation and the environments' first reset.
+    # None (null in summary.json) where no time was measured.
     timed_steps = args.num_seeds * int(env_steps_at_eval[-1])
     final = returns[-1]
     return returns, {
@@ -453,8 +487,8 @@ def run_optimizer(name: str, args: Args, env: envs.Env, optimizer, keys) -> tupl
         "final_returns": [float(r) for r in final],
         "wall_time_s": end - start,
         "compile_s": compile_s,
-        "env_steps_per_s": timed_steps / max(end - progress.first_eval_time, 1e-9),
-        "train_env_steps_per_s": timed_steps / max(progress.train_s, 1e-9),  # evaluations excluded
+        "env_steps_per_s": steps_per_second(timed_steps, end - (progress.first_eval_time or end)),
+        "train_env_steps_per_s": steps_per_second(timed_steps, progress.train_s),  # evaluations excluded
         "train_s": progress.train_s,
         "eval_s": progress.eval_s,
     }
@@ -463,15 +497,19 @@ def run_optimizer(name: str, args: Args, env: envs.Env, optimizer, keys) -> tupl
 def main(args: Args) -> None:
     check_settings(args)
     optimizers = {name: make_optimizer(name, args) for name in args.optimizers}  # checkpoints load before compiling
-    env = envs.get_environment(args.env, backend=args.backend)
+    check_writable_dir(args.out_dir)
     folder = os.path.join(args.out_dir, args.run_name or f"brax_{args.env}_{args.backend}_s{args.seed}")
-    os.makedirs(folder, exist_ok=True)
+    check_writable_dir(folder, "--run-name")
+    env = envs.get_environment(args.env, backend=args.backend)
     keys = jax.random.split(jax.random.PRNGKey(args.seed), args.num_seeds)  # the same seeds for every optimizer
     print(f"PPO on {args.env} ({args.backend}): {args.total_timesteps:,} env steps x {args.num_seeds} seeds per "
           f"optimizer; {args.num_envs} envs, minibatches of {args.batch_size} x {args.unroll_length} steps")
 
     curves, summary = {}, {}
     env_steps = eval_schedule(args)[1]
+    if len(env_steps) - 1 < args.num_evals:
+        print(f"note: {len(env_steps) - 1} PPO updates in --total-timesteps {args.total_timesteps}, fewer than "
+              f"--num-evals {args.num_evals}: evaluating after each update")
     for name, optimizer in optimizers.items():
         curves[name], summary[name] = run_optimizer(name, args, env, optimizer, keys)
         # Written after every optimizer, so an interrupted comparison keeps what finished.

@@ -28,7 +28,7 @@ import tyro
 from jax.flatten_util import ravel_pytree
 
 import train_lopt
-from common import GRIDWORLDS, UserError, run_cli
+from common import GRIDWORLDS, UserError, check_args, check_writable_dir, run_cli
 from train_lopt import MAX_LOG_OUTPUT, a2c_step, init_agent, process_gradient, with_grad_clip
 
 EnvName = Literal[tuple([*GRIDWORLDS, "catch"])]
@@ -46,7 +46,7 @@ class Args:
     learning_rate: float = 3e-3
     """Adam learning rate, for both the agent and the supervised model"""
     grad_clip: float = 1.0
-    """element-wise clip before Adam (the recorded g is the gradient before the clip)"""
+    """element-wise clip before Adam (the recorded g is the gradient before the clip; 0: no clip)"""
     num_coordinates: int = 512
     """parameter coordinates sampled (once, uniformly) and recorded at every update"""
     supervised_data: str | None = None
@@ -56,6 +56,7 @@ class Args:
     identity_epochs: int = 30
     identity_hidden_size: int = 16
     seed: int = 0
+    """0 to 2**32 - 1 (jax.random.PRNGKey keeps 32 bits; numpy's generators take no negative seeds)"""
     out_dir: str = "runs/gradient_stats"
 
 
@@ -173,15 +174,19 @@ def load_supervised_data(path: str) -> tuple[np.ndarray, np.ndarray]:
             x, y = np.asarray(data["x"]), np.asarray(data["y"])
     except FileNotFoundError:
         raise UserError(f"--supervised-data {path}: file not found")
+    except IsADirectoryError:
+        raise UserError(f"--supervised-data {path}: is a directory; give the .npz file")
     except KeyError as error:
         raise UserError(f"--supervised-data {path}: missing array {error}; expected 'x' (inputs) and 'y' (labels)")
     except Exception as error:  # np.load raises several unrelated types on a corrupt or foreign file
         raise UserError(f"--supervised-data {path}: cannot read it as an .npz file ({type(error).__name__})")
-    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0 or x[0].size == 0:
         raise UserError(f"--supervised-data {path}: need x of shape (N, ...) and y of shape (N,), "
                         f"got {x.shape} and {y.shape}")
     if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise UserError(f"--supervised-data {path}: need numeric x and non-negative integer labels y")
+    if not np.all(np.isfinite(x)):  # NaN inputs would make every recorded gradient NaN
+        raise UserError(f"--supervised-data {path}: x holds NaN or infinite values")
     return x.reshape(len(x), -1).astype(np.float32), y.astype(np.int32)
 
 
@@ -488,22 +493,23 @@ def plot_identity(results: dict, path: str) -> None:
 # ================================================================================================
 
 
-def check_args(args: Args) -> None:
-    steps_per_update = args.num_envs * args.rollout_steps
-    if min(args.num_envs, args.rollout_steps, args.stages, args.identity_epochs, args.identity_hidden_size) < 1:
-        raise UserError("--num-envs, --rollout-steps, --stages, --identity-epochs and --identity-hidden-size "
-                        "must be at least 1")
+def check_settings(args: Args) -> None:
+    """Reject careless flag values with one line naming the flag, before anything is compiled."""
+    check_args(args, positive=("num_envs", "rollout_steps", "learning_rate", "stages", "identity_epochs",
+                               "identity_hidden_size"), non_negative=("grad_clip",))
     if args.num_coordinates < 2:
-        raise UserError("--num-coordinates must be at least 2 (the identity experiment holds some out)")
-    if args.total_timesteps // steps_per_update < args.stages:
-        raise UserError(f"--total-timesteps {args.total_timesteps} gives fewer A2C updates "
-                        f"({steps_per_update} steps each) than --stages {args.stages}")
+        raise UserError(f"--num-coordinates {args.num_coordinates}: must be at least 2 "
+                        "(the identity experiment holds some out)")
+    minimum = args.stages * args.num_envs * args.rollout_steps
+    if args.total_timesteps < minimum:
+        raise UserError(f"--total-timesteps {args.total_timesteps}: must be at least {minimum:,}, one A2C update "
+                        "per stage (--stages x --num-envs x --rollout-steps)")
 
 
 def main(args: Args) -> None:
-    check_args(args)
+    check_settings(args)
     supervised = load_supervised_data(args.supervised_data) if args.supervised_data else None  # fail early
-    os.makedirs(args.out_dir, exist_ok=True)
+    check_writable_dir(args.out_dir)
     start = time.time()
 
     rl = collect_rl(args)

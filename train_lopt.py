@@ -41,7 +41,6 @@ from common import (
     agent_kind,
     check_args,
     check_writable_dir,
-    flag_name,
     load_msgpack,
     make_env,
     run_cli,
@@ -109,7 +108,7 @@ class Args:
     optimizer and keep the best-scoring one as optimizer_best.msgpack; 0: no validation"""
     val_seeds: int = 4
     """validation agents per task (their seeds are disjoint from the final evaluation's)"""
-    val_steps: int = 50_000
+    val_steps: int = 100_000
     """environment steps per validation agent"""
     eval_only: bool = False
     """skip meta-training; evaluate --lopt-path on the group"""
@@ -1243,10 +1242,8 @@ def check_settings(args: Args) -> None:
                                "reset_interval", "meta_steps", "meta_lr", "meta_grad_clip", "lopt_lr", "hidden_size",
                                "save_every", "log_every", "time_limit", "val_seeds", "val_steps", "eval_seeds",
                                "eval_steps", "eval_envs", "max_bad_steps"),
-               non_negative=("grad_clip", "entropy_coef", "eval_reserve", "val_every"))
-    for name in ("gamma", "gae_lambda"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise UserError(f"{flag_name(name)} {getattr(args, name)}: must be in [0, 1]")
+               non_negative=("grad_clip", "entropy_coef", "eval_reserve", "val_every"),
+               unit_interval=("gamma", "gae_lambda"))
     agents_per_chunk(args)
     for prefix in ("eval", "val"):
         steps, envs = getattr(args, f"{prefix}_steps"), args.eval_envs

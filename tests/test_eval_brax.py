@@ -1,14 +1,18 @@
 """Tests for eval_brax.py: a tiny PPO comparison of Adam and a learned optimizer writes its outputs, the
-evaluation schedule, presets, and the command line's one-line errors.
+evaluation schedule, presets, progress lines, flag checks and the command line's one-line errors.
 
 Compilation dominates, so there is one tiny end-to-end run (Brax's trivial `fast` environment, both
 optimizers in one invocation) shared by the output tests, and the error paths run as subprocesses in
-parallel; they fail before anything is compiled.
+parallel; they fail before anything is compiled. The tiny run's budget (2 PPO updates) is smaller than its
+--num-evals (3), the shape of a small-budget run that used to end in ZeroDivisionError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import itertools
 import json
 import os
 import subprocess
@@ -20,12 +24,13 @@ import pytest
 
 import eval_brax as eb
 import train_lopt
-from common import save_msgpack
+from common import UserError, save_msgpack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_PPO = ["--env", "fast", "--total-timesteps", "400", "--num-seeds", "2", "--num-envs", "4", "--batch-size", "4",
-            "--num-minibatches", "2", "--unroll-length", "5", "--num-updates-per-batch", "2", "--episode-length",
-            "20", "--num-evals", "2", "--num-eval-envs", "2"]
+# One PPO update: 4 x 2 segments of 5 steps = 40 env steps, and 10 epochs x 2 minibatches = 20 gradient steps.
+TINY_PPO = ["--env", "fast", "--total-timesteps", "80", "--num-seeds", "2", "--num-envs", "4", "--batch-size", "4",
+            "--num-minibatches", "2", "--unroll-length", "5", "--num-updates-per-batch", "10", "--episode-length",
+            "20", "--num-evals", "3", "--num-eval-envs", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +46,22 @@ def lopt_checkpoint(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, lopt_checkpoint):
     out_dir = tmp_path_factory.mktemp("brax")
-    eb.main(eb.parse_args([*TINY_PPO, "--optimizers", "adam", "lopt", "--lopt-path", lopt_checkpoint,
-                           "--out-dir", str(out_dir), "--run-name", "tiny"]))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):  # progress lines come from JAX callbacks; they print here too
+        eb.main(eb.parse_args([*TINY_PPO, "--optimizers", "adam", "lopt", "--lopt-path", lopt_checkpoint,
+                               "--out-dir", str(out_dir), "--run-name", "tiny"]))
+    (out_dir / "stdout.txt").write_text(stdout.getvalue())
     return out_dir / "tiny"
+
+
+def test_small_budget_evaluates_after_each_update(tiny_run):
+    """2 updates for --num-evals 3: a note, then one progress line per evaluation, each with a rate and an ETA."""
+    stdout = (tiny_run.parent / "stdout.txt").read_text()
+    assert "note: 2 PPO updates in --total-timesteps 80, fewer than --num-evals 3" in stdout
+    for name in ("adam", "lopt"):
+        lines = [line for line in stdout.splitlines() if line.startswith(f"[{name}] ") and "eval return" in line]
+        assert [line.split()[1] for line in lines] == ["0/80", "40/80", "80/80"]
+        assert all("env steps/s" in line and "ETA" in line for line in lines[1:])
 
 
 def test_returns_csv(tiny_run):
@@ -51,13 +69,11 @@ def test_returns_csv(tiny_run):
     with open(tiny_run / "returns.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["optimizer", "seed", "env_steps", "eval_return"]
-    steps = eb.eval_schedule(eb.parse_args(TINY_PPO))[1]
     for name in ("adam", "lopt"):
         for seed in ("0", "1"):
             mine = [r for r in rows if r["optimizer"] == name and r["seed"] == seed]
-            assert [int(r["env_steps"]) for r in mine] == list(steps)
+            assert [int(r["env_steps"]) for r in mine] == [0, 40, 80]
             assert all(np.isfinite(float(r["eval_return"])) for r in mine)
-    assert steps[0] == 0 and steps[-1] >= 400
 
 
 def test_summary_and_plot(tiny_run):
@@ -68,7 +84,8 @@ def test_summary_and_plot(tiny_run):
         assert np.isclose(s["final_return_mean"], np.mean(s["final_returns"]))
         assert s["wall_time_s"] > 0 and s["env_steps_per_s"] > 0
         # Training is timed apart from the evaluations. Here an evaluation is 2 envs x 20 steps and a period
-        # 20 gradient steps, so training takes most of the time; a callback that fired early would say otherwise.
+        # one update of 20 gradient steps, so training takes most of the time; a callback that fired early
+        # would say otherwise.
         assert 0 < s["eval_s"] < s["train_s"] and s["train_env_steps_per_s"] > s["env_steps_per_s"]
     assert (tiny_run / "returns.png").stat().st_size > 1000
 
@@ -86,6 +103,91 @@ def test_eval_schedule_spreads_updates():
                           "--num-minibatches", "2", "--unroll-length", "5", "--total-timesteps", "280"])
     updates, steps = eb.eval_schedule(args)
     assert list(updates) == [0, 2, 3, 2] and list(steps) == [0, 80, 200, 280]
+    # Fewer updates than evaluations: one evaluation after each update, none repeating the one before.
+    updates, steps = eb.eval_schedule(eb.parse_args([*TINY_PPO, "--num-evals", "10"]))
+    assert list(updates) == [0, 1, 1] and list(steps) == [0, 40, 80]
+
+
+@pytest.mark.parametrize("clock", ["frozen", "ticking"])
+def test_progress_lines_never_divide_by_zero(monkeypatch, capsys, clock):
+    """The original crash: no training time measured yet (frozen clock) or no env steps yet (an evaluation
+    right after the first) printed a rate or ETA by dividing by zero. Now such values print '?'."""
+    ticks = itertools.count(1000.0) if clock == "ticking" else itertools.repeat(1000.0)
+    monkeypatch.setattr(eb, "time", SimpleNamespace(time=lambda: next(ticks)))  # one tick per reading
+    progress = eb.ProgressPrinter("adam", np.array([0, 0, 40]), num_seeds=2)
+    for index in range(3):
+        progress.trained(index)
+        progress(index, np.array([1.0, 3.0]))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all("eval return 2.0 +- 1.0" in line for line in lines)
+    assert "ETA ?" in lines[1]  # no env steps yet: no rate to extrapolate from
+    if clock == "frozen":
+        assert all("? env steps/s (? without evaluation)" in line for line in lines[1:])
+    else:
+        # 2 seeds x 40 steps over 4 ticks since the first evaluation, 2 of which were training.
+        assert "| 20 env steps/s (40 without evaluation)" in lines[2] and "ETA 0s" in lines[2]
+
+
+def test_summary_table_without_measured_time():
+    """summary.json stores no rate (null) where no time was measured; the table prints '?' for it."""
+    assert eb.steps_per_second(100, 0.0) is None and eb.steps_per_second(100, 4.0) == 25
+    table = eb.format_summary_table({"adam": dict(final_return_mean=1.0, final_return_std=0.5, wall_time_s=0.0,
+                                                  env_steps_per_s=None, train_env_steps_per_s=None)})
+    assert table.splitlines()[1].split()[-2:] == ["?", "?"]
+
+
+# Careless values, each rejected by check_settings before anything is built: (flags, start of the message).
+BAD_SETTINGS = [
+    (["--num-seeds", "0"], "--num-seeds 0: must be a finite number > 0"),
+    (["--num-envs", "-4"], "--num-envs -4: must be a finite number > 0"),
+    (["--batch-size", "0"], "--batch-size 0: must be"),
+    (["--num-minibatches", "0"], "--num-minibatches 0: must be"),
+    (["--unroll-length", "0"], "--unroll-length 0: must be"),
+    (["--num-updates-per-batch", "0"], "--num-updates-per-batch 0: must be"),
+    (["--num-evals", "0"], "--num-evals 0: must be"),
+    (["--num-eval-envs", "0"], "--num-eval-envs 0: must be"),
+    (["--episode-length", "-10"], "--episode-length -10: must be"),
+    (["--action-repeat", "0"], "--action-repeat 0: must be"),
+    (["--total-timesteps", "-5"], "--total-timesteps -5: must be a finite number > 0"),
+    (["--total-timesteps", "1"], "--total-timesteps 1: must be at least 40, one PPO update"),
+    (["--learning-rate", "nan"], "--learning-rate nan: must be a finite number > 0"),
+    (["--learning-rate", "-1e-3"], "--learning-rate -0.001: must be"),
+    (["--lopt-lr", "inf"], "--lopt-lr inf: must be"),
+    (["--lopt-grad-clip", "-1"], "--lopt-grad-clip -1.0: must be a finite number >= 0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm 0.0: must be a finite number > 0"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm nan: must be"),
+    (["--reward-scaling", "0"], "--reward-scaling 0.0: must be"),
+    (["--clipping-epsilon", "-0.3"], "--clipping-epsilon -0.3: must be"),
+    (["--entropy-cost", "-0.01"], "--entropy-cost -0.01: must be a finite number >= 0"),
+    (["--value-coef", "nan"], "--value-coef nan: must be"),
+    (["--discounting", "1.5"], "--discounting 1.5: must be in [0, 1]"),
+    (["--gae-lambda", "nan"], "--gae-lambda nan: must be in [0, 1]"),
+    (["--seed", "-1"], "--seed -1: must be an integer in [0, 4294967295]"),
+    (["--num-envs", "3"], "--num-envs 3: must divide --batch-size x --num-minibatches (8)"),
+    (["--action-repeat", "3"], "--episode-length 20: must be a multiple of --action-repeat (3)"),
+    (["--optimizers"], "--optimizers: give at least one"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_SETTINGS, ids=[" ".join(flags) for flags, _ in BAD_SETTINGS])
+def test_bad_settings_are_rejected(flags, message):
+    with pytest.raises(UserError) as error:
+        eb.check_settings(eb.parse_args([*TINY_PPO, *flags]))
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_edge_settings_that_are_allowed():
+    """Bounds that make sense: no discounting of the future, GAE as one-step TD, no clip before the lopt."""
+    eb.check_settings(eb.parse_args([*TINY_PPO, "--discounting", "1", "--gae-lambda", "0", "--lopt-grad-clip", "0",
+                                     "--entropy-cost", "0", "--total-timesteps", "40", "--max-grad-norm", "None"]))
+
+
+@pytest.mark.parametrize("path, problem", [("checkpoints", "is a directory"), ("README.md", "cannot read")])
+def test_unusable_lopt_path_names_the_flag(path, problem):
+    """A folder or a foreign file as --lopt-path: a UserError naming the flag, while the checkpoint loads
+    (before the environment is built or anything compiles)."""
+    with pytest.raises(UserError, match=f"^--lopt-path: .*{problem}"):
+        eb.make_optimizer("lopt", eb.parse_args([*TINY_PPO, "--lopt-path", os.path.join(REPO, path)]))
 
 
 def test_presets_and_overrides():
@@ -101,6 +203,8 @@ CLI_CASES = {
     "corrupt_ckpt": (["--lopt-path", "{corrupt}"], "{corrupt}"),
     "foreign_ckpt": (["--lopt-path", "{foreign}"], "{foreign}"),
     "bad_batch": (["--optimizers", "adam", "--num-envs", "3"], "--num-envs"),
+    # Under a regular file: fails even as root; checked before the environment is built.
+    "bad_out_dir": (["--optimizers", "adam", "--out-dir", "README.md/sub"], "--out-dir README.md/sub"),
 }
 
 
@@ -115,7 +219,8 @@ def cli(tmp_path_factory):
     env = dict(os.environ, COLUMNS="200", JAX_PLATFORMS="cpu")
     procs = {}
     for name, (argv, _) in CLI_CASES.items():
-        argv = [a.format(**paths) for a in argv] + ["--env", "fast"] * ("--env" not in argv) + ["--out-dir", str(folder)]
+        argv = [a.format(**paths) for a in argv] + ["--env", "fast"] * ("--env" not in argv)
+        argv += ["--out-dir", str(folder)] * ("--out-dir" not in argv)
         procs[name] = subprocess.Popen([sys.executable, "eval_brax.py", *argv], cwd=REPO, env=env, text=True,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     results = {}
@@ -127,10 +232,10 @@ def cli(tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(CLI_CASES))
 def test_cli_errors_are_one_line(cli, case):
-    """Non-zero exit, one stderr line starting with 'error:' that names the culprit, no traceback."""
+    """Exit status 2, one stderr line starting with 'error:' that names the culprit, no traceback."""
     results, paths = cli
     proc, named = results[case], CLI_CASES[case][1].format(**paths)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

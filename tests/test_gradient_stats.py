@@ -1,5 +1,5 @@
 """Tests for gradient_stats.py: statistics on inputs with known answers, the coordinate recorder, the
-identity experiment (processed beats raw), a tiny end-to-end run, and command-line errors.
+identity experiment (processed beats raw), a tiny end-to-end run, flag checks and command-line errors.
 
 Compilation dominates the run time: the tiny run records 50 updates x 64 coordinates, the same shape as
 the synthetic identity test, so the identity GRUs compile once (the second time they come from the
@@ -8,6 +8,7 @@ persistent compilation cache set up in conftest.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -50,10 +51,12 @@ def cli(tmp_path_factory):
         "bad_env": ["--env", "nope"],
         "corrupt_data": ["--supervised-data", str(corrupt)],
         "missing_data": ["--supervised-data", str(folder / "missing.npz")],
+        "bad_out_dir": ["--out-dir", "README.md/sub"],  # under a regular file: fails even as root
     }
     env = dict(os.environ, COLUMNS="200", JAX_PLATFORMS="cpu")
     procs = {
-        name: subprocess.Popen([sys.executable, "gradient_stats.py", *argv, "--out-dir", str(folder / name)],
+        name: subprocess.Popen([sys.executable, "gradient_stats.py", *argv,
+                                *["--out-dir", str(folder / name)] * ("--out-dir" not in argv)],
                                cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for name, argv in cases.items()
     }
@@ -165,11 +168,48 @@ def test_load_supervised_data(tmp_path):
     x, y = gs.load_supervised_data(str(path))
     assert x.shape == (6, 6) and x.dtype == np.float32 and y.tolist() == [0, 1, 2, 0, 1, 2]
     bad = {"no_y.npz": dict(x=np.ones((3, 2))), "lengths.npz": dict(x=np.ones((3, 2)), y=np.zeros(4, int)),
-           "float_labels.npz": dict(x=np.ones((3, 2)), y=np.zeros(3))}
+           "float_labels.npz": dict(x=np.ones((3, 2)), y=np.zeros(3)),
+           "no_features.npz": dict(x=np.ones((3, 0)), y=np.zeros(3, int)),
+           "nan_x.npz": dict(x=np.full((3, 2), np.nan), y=np.zeros(3, int))}
     for name, arrays in bad.items():
         np.savez(tmp_path / name, **arrays)
         with pytest.raises(UserError, match=name):
             gs.load_supervised_data(str(tmp_path / name))
+    with pytest.raises(UserError, match="is a directory"):
+        gs.load_supervised_data(str(tmp_path))
+    with pytest.raises(UserError, match="README.md: cannot read it as an .npz file"):
+        gs.load_supervised_data(os.path.join(REPO, "README.md"))
+
+
+# Careless values, each rejected by check_settings before anything runs: (Args fields, start of the message).
+BAD_SETTINGS = [
+    (dict(num_envs=0), "--num-envs 0: must be a finite number > 0"),
+    (dict(rollout_steps=-1), "--rollout-steps -1: must be a finite number > 0"),
+    (dict(stages=0), "--stages 0: must be"),
+    (dict(identity_epochs=0), "--identity-epochs 0: must be"),
+    (dict(identity_hidden_size=-16), "--identity-hidden-size -16: must be"),
+    (dict(learning_rate=float("nan")), "--learning-rate nan: must be a finite number > 0"),
+    (dict(learning_rate=0.0), "--learning-rate 0.0: must be"),
+    (dict(grad_clip=-1.0), "--grad-clip -1.0: must be a finite number >= 0"),
+    (dict(grad_clip=float("inf")), "--grad-clip inf: must be"),
+    (dict(num_coordinates=1), "--num-coordinates 1: must be at least 2"),
+    (dict(seed=-1), "--seed -1: must be an integer in [0, 4294967295]"),
+    (dict(seed=2**64), f"--seed {2**64}: must be"),
+    (dict(total_timesteps=1), "--total-timesteps 1: must be at least 320, one A2C update per stage"),
+    (dict(total_timesteps=-80), "--total-timesteps -80: must be at least 320"),
+]
+
+
+@pytest.mark.parametrize("fields, message", BAD_SETTINGS, ids=[str(fields) for fields, _ in BAD_SETTINGS])
+def test_bad_settings_are_rejected(fields, message):
+    with pytest.raises(UserError) as error:
+        gs.check_settings(dataclasses.replace(gs.Args(), **fields))
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_edge_settings_that_are_allowed():
+    """No clip (0), and the smallest budget: one update per stage (4 stages x 4 envs x 20 steps)."""
+    gs.check_settings(dataclasses.replace(gs.Args(), grad_clip=0.0, total_timesteps=320, num_coordinates=2))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,4 +301,13 @@ def test_cli_unreadable_supervised_data(cli, case):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --supervised-data"), stderr
     assert f"{case.split('_')[0]}.npz" in lines[0], stderr
+    assert "rl catch" not in stdout and "Traceback" not in stderr
+
+
+def test_cli_unwritable_out_dir(cli):
+    """--out-dir under a regular file: exit 2 with one `error:` line naming it, before training."""
+    returncode, stdout, stderr = cli("bad_out_dir")
+    assert returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --out-dir README.md/sub: cannot write there"), stderr
     assert "rl catch" not in stdout and "Traceback" not in stderr

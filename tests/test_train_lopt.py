@@ -863,6 +863,7 @@ def test_cli_help(cli):
     (["--val-seeds", "0"], "--val-seeds 0"),
     (["--val-every", "-1"], "--val-every -1"),
     (["--time-limit", "0"], "--time-limit 0"),
+    (["--seed", "-1"], "--seed -1: must be an integer in [0, 4294967295]"),
     (["--time-limit", "100", "--eval-reserve", "100"], "--eval-reserve 100"),
     (["--out-dir", "README.md/runs"], "--out-dir README.md/runs: cannot write there"),
 ])
