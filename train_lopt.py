@@ -1171,7 +1171,8 @@ def _meta_train_loop(args, task_names, folder, deadline, meta_step, state, init_
             elapsed = time.time() - timer_start
             rate = (done - timer_step) / elapsed if elapsed > 0 and done > timer_step else float("nan")
             eta = (args.meta_steps - done) / rate if rate == rate and rate > 0 else float("nan")
-            val_text = f" | val {score:.2f} (best {best[0]:.2f} @ {best[1]})" if score is not None else ""
+            val_text = (f" | val {score:.2f} in {format_duration(val_s)} (best {best[0]:.2f} @ {best[1]})"
+                        if score is not None else "")
             print(
                 f"meta-step {done}/{args.meta_steps} | {rate * steps_per_meta_step:,.0f} env steps/s | "
                 f"meta-loss {np.mean(list(meta_losses.values())):.3g} | return "
