@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, NamedTuple
@@ -26,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tyro
 from flax import serialization, struct
 from gymnax.wrappers.purerl import LogWrapper
@@ -41,9 +41,11 @@ from common import (
     agent_kind,
     check_args,
     check_writable_dir,
+    load_arrays,
     load_msgpack,
     make_env,
     run_cli,
+    save_arrays,
     save_msgpack,
 )
 
@@ -749,7 +751,7 @@ def resume_settings(args: Args) -> dict:
     return {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
 
 
-TRAIN_STATE_DIR = "train_state"  # orbax checkpoints of the whole MetaState, for --resume
+TRAIN_STATE = "train_state.npy"  # the whole MetaState, for --resume: a JSON header, then its leaves
 
 
 def optimizer_checkpoint(args: Args, lopt_params, init_params, meta_step: int, **extra) -> dict:
@@ -769,45 +771,71 @@ def host_copy(tree):
 
 
 class Checkpointer:
-    """optimizer.msgpack: small and portable, written atomically at once. The train state (the whole population,
-    12 GB at the paper's scale) goes to orbax, which copies it off the devices, writes it in a background thread,
-    and commits each step atomically, so meta-training does not wait for the disk (benchmarks/bench_checkpoint.py).
+    """Each save copies the train state (the whole population, 12 GB at the paper's scale) to the host; a background
+    thread then writes it, and optimizer.msgpack (small and portable), while meta-training goes on.
+
+    Both writes are atomic. The state goes out in numpy's .npy format, a copy and a write: orbax spent 212 ms of
+    CPU on each save of a 41 MB state, 20x this, which on 2 cores slowed meta-training by 11% at --save-every 1
+    (benchmarks/bench_checkpoint.py).
     """
 
     def __init__(self, folder: str, args: Args):
         self.folder, self.args = folder, args
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=True, create=True)
-        self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(folder, TRAIN_STATE_DIR)), options=options)
+        self.writer = ThreadPoolExecutor(max_workers=1)
+        self.pending = None  # the background write in progress
+        self.buffers = None  # host copies of the state's leaves, reused by every save
         self.blocked_s = 0.0  # the longest a save has held up meta-training
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
 
     def save(self, state: MetaState, init_params, bad_steps: int) -> None:
         start, step = time.time(), int(state.meta_step)
-        meta = {"settings": resume_settings(self.args), "bad_steps": bad_steps}
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)))
-        lopt_params = host_copy(state.lopt_params)
+        self.wait()
+        host = host_copy(state)
         if jax.process_index() == 0:
-            save_msgpack(os.path.join(self.folder, "optimizer.msgpack"),
-                         optimizer_checkpoint(self.args, lopt_params, init_params, step))
+            leaves = self._own_copies(list(map(np.asarray, jax.tree.leaves(host))))
+            header = {"settings": resume_settings(self.args), "bad_steps": bad_steps, "meta_step": step}
+            optimizer = optimizer_checkpoint(self.args, host.lopt_params, init_params, step)
+            self.pending = self.writer.submit(self._write, header, leaves, optimizer)
         self.blocked_s = max(self.blocked_s, time.time() - start)
 
+    def _own_copies(self, leaves: list[np.ndarray]) -> list[np.ndarray]:
+        """On a CPU the host arrays are views of the device buffers, which the next meta-step donates: copy those,
+        into buffers kept from save to save (fresh ones cost page faults: 2.5 ms for 41 MB became up to 80 ms)."""
+        if self.buffers is None or [b.shape for b in self.buffers] != [x.shape for x in leaves]:
+            self.buffers = [np.empty_like(x) for x in leaves]
+        for buffer, x in zip(self.buffers, leaves):
+            if not x.flags.owndata:
+                np.copyto(buffer, x)
+        return [x if x.flags.owndata else buffer for buffer, x in zip(self.buffers, leaves)]
+
+    def _write(self, header: dict, leaves: list[np.ndarray], optimizer: dict) -> None:
+        # In the background, fsyncs included (each one took tens of ms on this machine's disk).
+        save_arrays(os.path.join(self.folder, TRAIN_STATE), header, leaves)
+        save_msgpack(os.path.join(self.folder, "optimizer.msgpack"), optimizer)
+
     def restore(self, template: MetaState) -> tuple[MetaState, int]:
-        """The latest train state, placed like `template`; a run with other settings is a UserError."""
-        step, where = self.latest_step(), os.path.join(self.folder, TRAIN_STATE_DIR)
-        saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        changed = sorted(k for k, v in resume_settings(self.args).items() if saved["settings"].get(k) != v)
+        """The saved train state as host arrays shaped like `template`; a run with other settings is a UserError."""
+        path = os.path.join(self.folder, TRAIN_STATE)
+        header, leaves = load_arrays(path)
+        changed = sorted(k for k, v in resume_settings(self.args).items() if header["settings"].get(k) != v)
         if changed:
-            raise UserError(f"cannot resume {where}: settings differ from the saved run ({', '.join(changed)})")
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template)))
-        return restored["state"], int(saved["bad_steps"])
+            raise UserError(f"cannot resume {path}: settings differ from the saved run ({', '.join(changed)})")
+        expected = [(np.shape(x), np.dtype(x.dtype)) for x in jax.tree.leaves(template)]
+        if [(x.shape, x.dtype) for x in leaves] != expected:
+            raise UserError(f"cannot resume {path}: the saved state does not match this program's")
+        return jax.tree.unflatten(jax.tree.structure(template), leaves), int(header["bad_steps"])
+
+    def wait(self) -> None:
+        """Block until the background write is on disk; a failed write raises here."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
 
     def close(self) -> None:
-        """Wait for the background write: a run that ends (or is interrupted) leaves its last save complete."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """A run that ends, or is interrupted, leaves its last save complete."""
+        try:
+            self.wait()
+        finally:
+            self.writer.shutdown()
 
 
 # ================================================================================================
@@ -1072,15 +1100,13 @@ def write_metrics(path: str, rows: list[dict], append: bool = False) -> None:
 def meta_train(args: Args, task_names, folder: str, clock_start: float | None = None) -> MetaTrainResult:
     """Meta-train, validating and checkpointing as asked; stops early only for --time-limit (or bad meta-steps)."""
     deadline = Deadline(args, time.time() if clock_start is None else clock_start)
-    state_dir = os.path.join(folder, TRAIN_STATE_DIR)
-    has_run = os.path.isdir(state_dir) and any(name.isdigit() for name in os.listdir(state_dir))  # committed steps
-    if args.resume and not has_run:
-        older = " (train_state.msgpack is from an older version of this script)" if os.path.exists(
-            os.path.join(folder, "train_state.msgpack")) else ""
-        raise UserError(f"cannot resume {folder}: no saved train state in {state_dir}{older}")
-    if not args.resume and (has_run or os.path.exists(os.path.join(folder, "train_state.msgpack"))):
+    state_path, older = os.path.join(folder, TRAIN_STATE), os.path.join(folder, "train_state.msgpack")
+    if args.resume and not os.path.exists(state_path):
+        note = " (train_state.msgpack is from an older version of this script)" if os.path.exists(older) else ""
+        raise UserError(f"cannot resume {folder}: no saved train state {state_path}{note}")
+    if not args.resume and (os.path.exists(state_path) or os.path.exists(older)):
         raise UserError(f"{folder} already holds a run; pass --resume to continue it or choose another --run-name")
-    init, meta_step, *_ = make_meta_train(args, task_names)
+    init, meta_step, state_sharding, *_ = make_meta_train(args, task_names)
     state = init(jax.random.PRNGKey(args.seed))
     init_params = host_copy(state.lopt_params)  # meta_step donates the state's buffers
     metrics_path, best_path = os.path.join(folder, "metrics.csv"), os.path.join(folder, "optimizer_best.msgpack")
@@ -1090,6 +1116,7 @@ def meta_train(args: Args, task_names, folder: str, clock_start: float | None = 
         bad_steps_total, best = 0, None  # best: (score, meta-step, parameters)
         if args.resume:
             state, bad_steps_total = checkpointer.restore(state)
+            state = jax.jit(lambda s: s, out_shardings=state_sharding)(state)  # host arrays -> sharded, on every host
             if os.path.exists(metrics_path):  # drop rows logged after the checkpoint
                 write_metrics(metrics_path, [r for r in read_metrics(metrics_path)
                                              if int(r["meta_step"]) <= int(state.meta_step)])

@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 work=${WORK_DIR:-/tmp/optim4rl_paper_job}
 mkdir -p "$out" "$work"
 resume=()
-[[ -d $work/run/train_state ]] && resume=(--resume)
+[[ -f $work/run/train_state.npy ]] && resume=(--resume)
 export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}  # report real peak memory
 echo "# $(date -u +%FT%TZ) paper_job.sh $budget $out $*" > "$out/job.log"
 status=0

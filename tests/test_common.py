@@ -19,8 +19,10 @@ from common import (
     GridState,
     Gridworld,
     UserError,
+    load_arrays,
     load_msgpack,
     make_env,
+    save_arrays,
     save_msgpack,
 )
 
@@ -389,6 +391,26 @@ def test_msgpack_round_trip_atomic(tmp_path):
     assert np.asarray(back["params"]["w"]).dtype == np.float32
     np.testing.assert_array_equal(back["params"]["b"], [1, -2])
     assert back["meta"]["name"] == "small_dense_short" and back["meta"]["step"] == 7
+
+
+def test_arrays_round_trip_atomic_and_corrupt(tmp_path):
+    """save_arrays/load_arrays keep the header, order, shapes (0-d included) and dtypes; a truncated or foreign
+    file is a UserError naming it; no temporary file is left behind."""
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array(7, np.int32), np.array([True, False]),
+              np.asfortranarray(np.ones((3, 2), np.uint32))]
+    path = tmp_path / "state.npy"
+    save_arrays(str(path), {"meta_step": 3, "settings": {"a": 1}}, arrays)
+    header, back = load_arrays(str(path))
+    assert header == {"meta_step": 3, "settings": {"a": 1}} and os.listdir(tmp_path) == ["state.npy"]
+    assert [(a.shape, a.dtype) for a in back] == [(a.shape, a.dtype) for a in arrays]
+    for a, b in zip(arrays, back):
+        np.testing.assert_array_equal(a, b)
+    data = path.read_bytes()
+    (tmp_path / "truncated.npy").write_bytes(data[: len(data) - 5])
+    (tmp_path / "foreign.npy").write_bytes(b"not numpy at all")
+    for name in ("truncated.npy", "foreign.npy", "missing.npy"):
+        with pytest.raises(UserError, match=name):
+            load_arrays(str(tmp_path / name))
 
 
 def test_load_missing_raises_user_error(tmp_path):

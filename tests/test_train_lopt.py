@@ -28,7 +28,7 @@ import optax
 import pytest
 
 import train_lopt as tl
-from common import UserError, load_msgpack, save_msgpack
+from common import UserError, flag_name, load_msgpack, save_msgpack
 from train_lopt import (
     EVAL_NAMES,
     L2L,
@@ -114,14 +114,9 @@ def full4(tmp_path_factory):
 
 
 def saved_train_state(folder: str):
-    """The train state of a run's latest checkpoint, as host arrays (orbax, no template needed)."""
-    import orbax.checkpoint as ocp
-
-    step = max(int(d) for d in os.listdir(os.path.join(folder, tl.TRAIN_STATE_DIR)) if d.isdigit())
-    path = os.path.join(os.path.abspath(folder), tl.TRAIN_STATE_DIR, str(step))
-    with open(os.path.join(path, "meta", "metadata")) as f:
-        meta = json.load(f)
-    return step, ocp.StandardCheckpointer().restore(os.path.join(path, "state")), meta
+    """(meta-step, leaves, header) of a run's saved train state."""
+    header, leaves = tl.load_arrays(os.path.join(folder, tl.TRAIN_STATE))
+    return header["meta_step"], leaves, header
 
 
 # ------------------------------------------------------------------------------------------------
@@ -584,9 +579,19 @@ def test_logged_metrics_average_the_log_interval(trained, tmp_path):
 
 def test_resume_without_checkpoint_is_user_error(tmp_path):
     """--resume on a folder without a run names the missing file."""
-    with pytest.raises(UserError, match="cannot resume .*nothing: no saved train state in .*train_state"):
+    with pytest.raises(UserError, match="cannot resume .*nothing: no saved train state .*train_state.npy"):
         meta_train(tiny_args(resume=True), TASKS, str(tmp_path / "nothing"))
     assert not os.path.exists(tmp_path / "nothing")  # nothing was created that a new run would trip over
+
+
+def test_resume_from_a_damaged_train_state_is_user_error(trained, tmp_path):
+    folder = str(tmp_path / "run")
+    shutil.copytree(trained.folder, folder)
+    path = os.path.join(folder, tl.TRAIN_STATE)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(UserError, match="cannot read checkpoint .*train_state.npy"):
+        meta_train(tiny_args(meta_steps=4, resume=True), TASKS, folder)
 
 
 def test_resume_after_interrupt_before_first_log(tmp_path, monkeypatch):
@@ -1002,7 +1007,7 @@ def test_paper_job_script_leaves_small_files(tmp_path):
     the optimizers, evaluation, metrics, plot and log, each small; a second job with the same WORK_DIR resumes."""
     out, work = tmp_path / "out", tmp_path / "work"
     flags = [a for k, v in {**TINY, "val_every": 2, "reset_interval": 64, "meta_lr": 3e-3}.items()
-             for a in (tl.flag_name(k), str(v))]
+             for a in (flag_name(k), str(v))]
     cache = jax.config.jax_compilation_cache_dir  # conftest's: the tiny programs are compiled there already
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, WORK_DIR=str(work),
                JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -1015,7 +1020,7 @@ def test_paper_job_script_leaves_small_files(tmp_path):
                 "args.json", "job.log"}
     assert set(os.listdir(out)) == expected
     assert all(os.path.getsize(out / name) < 200_000 for name in expected)
-    assert os.path.isdir(work / "run" / tl.TRAIN_STATE_DIR)  # the train state stays out of OUT_DIR
+    assert os.path.isfile(work / "run" / tl.TRAIN_STATE)  # the train state stays out of OUT_DIR
     log = (out / "job.log").read_text()
     assert "meta-step 2/2" in log and "evaluation took" in log and "Traceback" not in log
     assert json.load(open(out / "eval.json"))["lopt_path"].endswith("optimizer_best.msgpack")
