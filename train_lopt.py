@@ -946,6 +946,7 @@ class Validator:
         self.evaluators = {t: evaluators[t] for t in informative}
         log(f"validation on {', '.join(informative)} ({args.val_seeds} seeds x {args.val_steps:,} env steps; Adam "
             f"beats random there unless that is no task); baselines took {format_duration(time.time() - start)}")
+        self.baselines_s = time.time() - start
 
     def __call__(self, lopt_params) -> float:
         return float(np.mean([normalized({"lopt": e.lopt(lopt_params), **self.baselines[name]}, "lopt")
@@ -1064,9 +1065,16 @@ class Deadline:
     share (--eval-reserve) kept free."""
 
     def __init__(self, args: Args, clock_start: float):
-        self.limit, self.start = args.time_limit, clock_start
+        self.limit, self.start, self.args = args.time_limit, clock_start, args
         default_reserve = 0.25 * args.time_limit if args.time_limit and args.final_eval else 0.0
         self.reserve = default_reserve if args.eval_reserve is None else args.eval_reserve
+
+    def estimate_evaluation(self, baselines_s: float) -> None:
+        """Without --eval-reserve, keep what the final evaluation should take, judged by the validation's two
+        baselines (compilation included): it trains five optimizers, on the evaluation's seeds and steps."""
+        if self.limit and self.args.final_eval and self.args.eval_reserve is None:
+            work = (self.args.eval_seeds * self.args.eval_steps) / (self.args.val_seeds * self.args.val_steps)
+            self.reserve = 2.5 * baselines_s * work
 
     def allows(self, seconds: float) -> bool:
         return self.limit is None or time.time() - self.start + seconds + self.reserve <= self.limit
@@ -1139,6 +1147,8 @@ def _meta_train_loop(args, task_names, folder, deadline, meta_step, state, init_
                      bad_steps_total, best) -> MetaTrainResult:
     metrics_path, best_path = os.path.join(folder, "metrics.csv"), os.path.join(folder, "optimizer_best.msgpack")
     validator = Validator(args, task_names) if args.val_every else None
+    if validator:
+        deadline.estimate_evaluation(validator.baselines_s)
     val_s = 0.0
 
     def validate(done: int, lopt_params) -> float:
@@ -1176,7 +1186,8 @@ def _meta_train_loop(args, task_names, folder, deadline, meta_step, state, init_
         step_start = time.time()
         state, metrics = meta_step(state)
         metrics = jax.device_get(metrics)
-        step_s = time.time() - step_start
+        # The first meta-step includes compilation: until a second one is timed, assume the next one is free.
+        step_s = time.time() - step_start if timer_start is not None else 0.0
         window += [[m["return_sum"], m["return_count"], m["meta_loss"]] for m in metrics["tasks"]]
         if timer_start is None:  # the first step includes compilation
             print(f"compiled and ran the first meta-step in {time.time() - compile_start:.0f}s")

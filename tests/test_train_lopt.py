@@ -915,7 +915,7 @@ def scripted_validation(monkeypatch, scores: dict):
     seen = {}
 
     def fake_init(self, args, task_names, log=print):
-        pass
+        self.baselines_s = 0.0
 
     def fake_call(self, lopt_params):
         step = sorted(scores)[len(seen)]  # validations come in meta-step order
@@ -983,6 +983,14 @@ def test_deadline_keeps_the_evaluation_reserve():
     deadline.start = now - 50.0  # 50 s spent, 25 kept: 25 s of work still fits, 30 does not
     assert deadline.allows(20.0) and not deadline.allows(30.0)
     assert tl.Deadline(tiny_args(), start).allows(1e9)  # no limit
+    # With validation, the reserve follows from its baselines: 2 optimizers timed, 5 to run, on 4x the work here.
+    estimated = tl.Deadline(tiny_args(time_limit=100.0, eval_seeds=4, eval_steps=200, val_seeds=2, val_steps=100),
+                            start)
+    estimated.estimate_evaluation(4.0)
+    assert estimated.reserve == pytest.approx(2.5 * 4.0 * 4)
+    given = tl.Deadline(tiny_args(time_limit=100.0, eval_reserve=7.0), start)
+    given.estimate_evaluation(4.0)
+    assert given.reserve == 7.0  # an explicit --eval-reserve wins
 
 
 def test_time_limit_stops_saves_and_resumes_to_the_same_result(full4, tmp_path, monkeypatch):
@@ -992,7 +1000,8 @@ def test_time_limit_stops_saves_and_resumes_to_the_same_result(full4, tmp_path, 
     calls = []
     monkeypatch.setattr(tl.Deadline, "allows", lambda self, seconds: calls.append(seconds) or len(calls) < 2)
     stopped = meta_train(tiny_args(meta_steps=4, save_every=10, time_limit=1e6), TASKS, folder)
-    assert stopped.meta_step == 2 and len(calls) == 2 and all(s > 0 for s in calls)
+    # After the first (compiling) meta-step nothing is timed yet; after the second its time is the estimate.
+    assert stopped.meta_step == 2 and len(calls) == 2 and calls[1] > 0
     assert read_optimizer_checkpoint(os.path.join(folder, "optimizer.msgpack"))["meta_step"] == 2
     assert saved_train_state(folder)[0] == 2  # saved at the stop although --save-every is 10
     monkeypatch.undo()
