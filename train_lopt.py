@@ -108,7 +108,7 @@ class Args:
     val_every: int = 25
     """validate every this many meta-steps (and at meta-step 0 and the last): train fresh agents with the current
     optimizer and keep the best-scoring one as optimizer_best.msgpack; 0: no validation"""
-    val_seeds: int = 4
+    val_seeds: int = 8
     """validation agents per task (their seeds are disjoint from the final evaluation's)"""
     val_steps: int = 100_000
     """environment steps per validation agent"""
