@@ -137,7 +137,7 @@ def main(bench: BenchArgs) -> None:
     ppo_args = eb.parse_args(["--env", bench.env, "--backend", bench.backend, "--num-seeds", "1",
                               "--num-evals", str(bench.num_evals), "--num-eval-envs", str(bench.num_eval_envs)])
     eb.check_settings(ppo_args)
-    per_period = ppo_args.batch_size * ppo_args.num_minibatches * ppo_args.unroll_length * ppo_args.action_repeat
+    per_period = eb.env_steps_per_update(ppo_args)
     per_period *= -(-bench.total_timesteps // (per_period * bench.num_evals))  # whole updates per period
     ppo_args.total_timesteps = per_period * bench.num_evals
     env = envs.get_environment(bench.env, backend=bench.backend)
