@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -137,7 +138,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 512 agents per task, one env each; 3e7 env steps per task = 512 agents * 5 rollouts * 20 steps * 586 meta-steps.
     # Chunks of 64 agents: wider work for an accelerator than the CPU's 8 (a guess; not measured on one).
     "paper": dict(num_agents=512, agents_per_chunk=64, num_envs=1, meta_steps=586, reset_interval=144, meta_lr=1e-3,
-                  eval_seeds=8, eval_steps=1_000_000, val_seeds=8, val_steps=200_000),
+                  eval_seeds=8, eval_steps=1_000_000, val_steps=200_000),
 }
 
 # ================================================================================================
@@ -1157,7 +1158,7 @@ def _meta_train_loop(args, task_names, folder, deadline, meta_step, state, init_
         start = time.time()
         score = validator(lopt_params)
         val_s = time.time() - start
-        if best is None or score > best[0]:
+        if math.isfinite(score) and (best is None or score > best[0]):  # diverged agents score NaN: never the best
             best = (score, done, host_copy(lopt_params))
             if jax.process_index() == 0:
                 save_msgpack(best_path, optimizer_checkpoint(args, best[2], init_params, done, val_score=score))
@@ -1209,8 +1210,8 @@ def _meta_train_loop(args, task_names, folder, deadline, meta_step, state, init_
             elapsed = time.time() - timer_start
             rate = (done - timer_step) / elapsed if elapsed > 0 and done > timer_step else float("nan")
             eta = (args.meta_steps - done) / rate if rate == rate and rate > 0 else float("nan")
-            val_text = (f" | val {score:.2f} in {format_duration(val_s)} (best {best[0]:.2f} @ {best[1]})"
-                        if score is not None else "")
+            best_text = f" (best {best[0]:.2f} @ {best[1]})" if best else ""
+            val_text = f" | val {score:.2f} in {format_duration(val_s)}{best_text}" if score is not None else ""
             print(
                 f"meta-step {done}/{args.meta_steps} | {rate * steps_per_meta_step:,.0f} env steps/s | "
                 f"meta-loss {np.mean(list(meta_losses.values())):.3g} | return "

@@ -1039,3 +1039,11 @@ def test_paper_job_script_leaves_small_files(tmp_path):
     log = (out / "job.log").read_text()
     assert "resumed" in log and "meta-step 3/3" in log
     assert read_optimizer_checkpoint(str(out / "optimizer.msgpack"))["meta_step"] == 3
+
+
+def test_validation_never_keeps_a_nan_score(tmp_path, monkeypatch):
+    """An optimizer whose validation agents diverge scores NaN; it is never the best, and does not block a later one."""
+    scripted_validation(monkeypatch, {0: float("nan"), 2: -0.3})
+    result = meta_train(tiny_args(val_every=2), TASKS, str(tmp_path / "run"))
+    assert (result.best_step, result.best_score) == (2, -0.3)
+    assert read_optimizer_checkpoint(str(tmp_path / "run" / "optimizer_best.msgpack"))["meta_step"] == 2
