@@ -20,7 +20,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
@@ -831,7 +831,10 @@ class Checkpointer:
             pending, self.pending = self.pending, None
             pending.result()
 
-    def close(self) -> None:
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
         """A run that ends, or is interrupted, leaves its last save complete."""
         try:
             self.wait()
@@ -878,11 +881,16 @@ def final_returns(return_sum, return_count) -> np.ndarray:
 EVAL_STREAM, VAL_STREAM = 1, 2  # the final evaluation and validation draw their seeds from separate key streams
 
 
+@lru_cache
+def _seed_splitter(num_seeds: int, flag: str):
+    # A jitted split places the seeds over the devices like the population (on every host); built once per size.
+    return jax.jit(lambda k: jax.random.split(k, num_seeds), out_shardings=population_sharding(num_seeds, flag))
+
+
 def evaluation_keys(seed: int, stream: int, task_index: int, num_seeds: int, flag: str) -> jax.Array:
     """Agent seeds for one task of an evaluation stream, split over devices like the population."""
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), stream), task_index)
-    split = jax.jit(lambda k: jax.random.split(k, num_seeds), out_shardings=population_sharding(num_seeds, flag))
-    return split(key)
+    return _seed_splitter(num_seeds, flag)(key)
 
 
 class TaskEvaluator:
@@ -892,7 +900,7 @@ class TaskEvaluator:
     parameters (validation during meta-training) does not compile again.
     """
 
-    def __init__(self, args: Args, task_index: int, name: str, config: dict, keys: jax.Array, steps: int):
+    def __init__(self, args: Args, name: str, config: dict, keys: jax.Array, steps: int):
         self.args, self.keys = dataclasses.replace(args, num_envs=args.eval_envs), keys
         self.task = Task.make(name, self.args)
         self.num_updates = steps // (args.rollout_steps * args.eval_envs)
@@ -920,7 +928,7 @@ def evaluate(args: Args, task_names, config: dict, lopt_params, init_params, log
     for task_index, name in enumerate(task_names):
         start = time.time()
         keys = evaluation_keys(args.seed, EVAL_STREAM, task_index, args.eval_seeds, "--eval-seeds")
-        evaluator = TaskEvaluator(args, task_index, name, config, keys, args.eval_steps)
+        evaluator = TaskEvaluator(args, name, config, keys, args.eval_steps)
         results[name] = {"lopt": evaluator.lopt(lopt_params), "lopt_init": evaluator.lopt(init_params),
                          **{b: evaluator.baseline(b) for b in ("adam", "rmsprop", "random")}}
         log(f"  eval {name}: {time.time() - start:.0f}s "
@@ -940,7 +948,7 @@ class Validator:
         start, evaluators, self.baselines = time.time(), {}, {}
         for task_index, name in enumerate(task_names):
             keys = evaluation_keys(args.seed, VAL_STREAM, task_index, args.val_seeds, "--val-seeds")
-            evaluators[name] = TaskEvaluator(args, task_index, name, lopt_config(args), keys, args.val_steps)
+            evaluators[name] = TaskEvaluator(args, name, lopt_config(args), keys, args.val_steps)
             self.baselines[name] = {b: evaluators[name].baseline(b) for b in ("adam", "random")}
         # Tasks where Adam does not beat random at this budget would add noise; if that is all of them, use all.
         informative = [t for t in task_names if adam_beats_random(self.baselines[t])] or list(task_names)
@@ -1120,8 +1128,7 @@ def meta_train(args: Args, task_names, folder: str, clock_start: float | None = 
     init_params = host_copy(state.lopt_params)  # meta_step donates the state's buffers
     metrics_path, best_path = os.path.join(folder, "metrics.csv"), os.path.join(folder, "optimizer_best.msgpack")
     os.makedirs(folder, exist_ok=True)
-    checkpointer = Checkpointer(folder, args)
-    try:
+    with Checkpointer(folder, args) as checkpointer:
         bad_steps_total, best = 0, None  # best: (score, meta-step, parameters)
         if args.resume:
             state, bad_steps_total = checkpointer.restore(state)
@@ -1138,99 +1145,92 @@ def meta_train(args: Args, task_names, folder: str, clock_start: float | None = 
             write_metrics(metrics_path, [])
             with open(os.path.join(folder, "args.json"), "w") as f:
                 json.dump(dataclasses.asdict(args), f, indent=2)
-        return _meta_train_loop(args, task_names, folder, deadline, meta_step, state, init_params, checkpointer,
-                                bad_steps_total, best)
-    finally:
-        checkpointer.close()
+        validator = Validator(args, task_names) if args.val_every else None
+        if validator:
+            deadline.estimate_evaluation(validator.baselines_s)
+        val_s = 0.0
 
+        def validate(done: int, lopt_params) -> float:
+            """Score the parameters; keep them as optimizer_best.msgpack (atomically) if they beat the best so far."""
+            nonlocal best, val_s
+            start = time.time()
+            score = validator(lopt_params)
+            val_s = time.time() - start
+            if math.isfinite(score) and (best is None or score > best[0]):  # diverged agents score NaN: never the best
+                best = (score, done, host_copy(lopt_params))
+                if jax.process_index() == 0:
+                    save_msgpack(best_path, optimizer_checkpoint(args, best[2], init_params, done, val_score=score))
+            return score
 
-def _meta_train_loop(args, task_names, folder, deadline, meta_step, state, init_params, checkpointer,
-                     bad_steps_total, best) -> MetaTrainResult:
-    metrics_path, best_path = os.path.join(folder, "metrics.csv"), os.path.join(folder, "optimizer_best.msgpack")
-    validator = Validator(args, task_names) if args.val_every else None
-    if validator:
-        deadline.estimate_evaluation(validator.baselines_s)
-    val_s = 0.0
-
-    def validate(done: int, lopt_params) -> float:
-        """Score the parameters; keep them as optimizer_best.msgpack (atomically) if they beat the best so far."""
-        nonlocal best, val_s
-        start = time.time()
-        score = validator(lopt_params)
-        val_s = time.time() - start
-        if math.isfinite(score) and (best is None or score > best[0]):  # diverged agents score NaN: never the best
-            best = (score, done, host_copy(lopt_params))
-            if jax.process_index() == 0:
-                save_msgpack(best_path, optimizer_checkpoint(args, best[2], init_params, done, val_score=score))
-        return score
-
-    steps_per_meta_step = env_steps_per_meta_step(args) * len(task_names)
-    print(f"meta-training {args.lopt} on {', '.join(task_names)}: {args.num_agents} agents/task, "
-          f"{args.meta_steps} meta-steps, {steps_per_meta_step} env steps per meta-step, on "
-          f"{jax.device_count()} {jax.devices()[0].device_kind} device(s) (jax {jax.__version__})")
-    if validator and best is None:
-        score = validate(int(state.meta_step), state.lopt_params)
-        print(f"validation at meta-step {int(state.meta_step)}: {score:.2f} ({format_duration(val_s)})")
-        write_metrics(metrics_path, [metrics_row(int(state.meta_step), steps_per_meta_step, bad_steps_total, {}, {},
-                                                 task_names, score)], append=True)
-    consecutive_bad, compile_start, step_s = 0, time.time(), None
-    timer_start, timer_step = None, None
-    # Summed over the meta-steps since the last log line: one meta-step ends only a few episodes per task.
-    window, step_logged = np.zeros((len(task_names), 3)), int(state.meta_step)  # per task: return sum, count, loss sum
-    done = last_saved = int(state.meta_step)
-    for step in range(int(state.meta_step), args.meta_steps):
-        next_val = validator and ((step + 1) % args.val_every == 0 or step + 1 == args.meta_steps)
-        if step_s is not None and not deadline.allows(step_s + checkpointer.blocked_s + (val_s if next_val else 0)):
-            print(f"--time-limit {args.time_limit:g}s: stopped after meta-step {done} of {args.meta_steps}, keeping "
-                  f"{deadline.reserve:.0f}s for the evaluation; --resume continues the run")
-            break
-        step_start = time.time()
-        state, metrics = meta_step(state)
-        metrics = jax.device_get(metrics)
-        # The first meta-step includes compilation: until a second one is timed, assume the next one is free.
-        step_s = time.time() - step_start if timer_start is not None else 0.0
-        window += [[m["return_sum"], m["return_count"], m["meta_loss"]] for m in metrics["tasks"]]
-        if timer_start is None:  # the first step includes compilation
-            print(f"compiled and ran the first meta-step in {time.time() - compile_start:.0f}s")
-            timer_start, timer_step = time.time(), step + 1
-        consecutive_bad = 0 if metrics["grad_finite"] else consecutive_bad + 1
-        bad_steps_total += int(not metrics["grad_finite"])
-        if consecutive_bad >= args.max_bad_steps:
-            raise UserError(
-                f"{consecutive_bad} consecutive non-finite meta-gradients at meta-step {step + 1}; stopped. "
-                f"The last good checkpoint in {folder} is intact (try a lower --meta-lr)."
-            )
-        done = step + 1
-        score = validate(done, state.lopt_params) if next_val else None
-        if done % args.log_every == 0 or done == args.meta_steps or next_val:
-            returns = {t: w[0] / max(w[1], 1) for t, w in zip(task_names, window)}
-            meta_losses = {t: w[2] / (done - step_logged) for t, w in zip(task_names, window)}
-            write_metrics(metrics_path, [metrics_row(done, steps_per_meta_step, bad_steps_total, returns, meta_losses,
-                                                     task_names, score)], append=True)
-            elapsed = time.time() - timer_start
-            rate = (done - timer_step) / elapsed if elapsed > 0 and done > timer_step else float("nan")
-            eta = (args.meta_steps - done) / rate if rate == rate and rate > 0 else float("nan")
-            best_text = f" (best {best[0]:.2f} @ {best[1]})" if best else ""
-            val_text = f" | val {score:.2f} in {format_duration(val_s)}{best_text}" if score is not None else ""
-            print(
-                f"meta-step {done}/{args.meta_steps} | {rate * steps_per_meta_step:,.0f} env steps/s | "
-                f"meta-loss {np.mean(list(meta_losses.values())):.3g} | return "
-                + " ".join(f"{t}={r:.2f}" for t, r in returns.items())
-                + f"{val_text} | bad {bad_steps_total} | ETA {format_duration(eta) if eta == eta else '?'}",
-                flush=True,
-            )
-            window[:], step_logged = 0.0, done
-        if done % args.save_every == 0 or done == args.meta_steps:
+        steps_per_meta_step = env_steps_per_meta_step(args) * len(task_names)
+        print(f"meta-training {args.lopt} on {', '.join(task_names)}: {args.num_agents} agents/task, "
+              f"{args.meta_steps} meta-steps, {steps_per_meta_step} env steps per meta-step, on "
+              f"{jax.device_count()} {jax.devices()[0].device_kind} device(s) (jax {jax.__version__})")
+        if validator and best is None:
+            score = validate(int(state.meta_step), state.lopt_params)
+            print(f"validation at meta-step {int(state.meta_step)}: {score:.2f} ({format_duration(val_s)})")
+            row = metrics_row(int(state.meta_step), steps_per_meta_step, bad_steps_total, {}, {}, task_names, score)
+            write_metrics(metrics_path, [row], append=True)
+        consecutive_bad, compile_start, step_s = 0, time.time(), None
+        timer_start, timer_step = None, None
+        # Summed over the meta-steps since the last log line: one meta-step ends only a few episodes per task.
+        # Per task: return sum, count, loss sum.
+        window, step_logged = np.zeros((len(task_names), 3)), int(state.meta_step)
+        done = last_saved = int(state.meta_step)
+        for step in range(int(state.meta_step), args.meta_steps):
+            next_val = validator and ((step + 1) % args.val_every == 0 or step + 1 == args.meta_steps)
+            needed = (step_s or 0.0) + checkpointer.blocked_s + (val_s if next_val else 0.0)
+            if step_s is not None and not deadline.allows(needed):
+                print(f"--time-limit {args.time_limit:g}s: stopped after meta-step {done} of {args.meta_steps}, "
+                      f"keeping {deadline.reserve:.0f}s for the evaluation; --resume continues the run")
+                break
+            step_start = time.time()
+            state, metrics = meta_step(state)
+            metrics = jax.device_get(metrics)
+            # The first meta-step includes compilation: until a second one is timed, assume the next one is free.
+            step_s = time.time() - step_start if timer_start is not None else 0.0
+            window += [[m["return_sum"], m["return_count"], m["meta_loss"]] for m in metrics["tasks"]]
+            if timer_start is None:  # the first step includes compilation
+                print(f"compiled and ran the first meta-step in {time.time() - compile_start:.0f}s")
+                timer_start, timer_step = time.time(), step + 1
+            consecutive_bad = 0 if metrics["grad_finite"] else consecutive_bad + 1
+            bad_steps_total += int(not metrics["grad_finite"])
+            if consecutive_bad >= args.max_bad_steps:
+                raise UserError(
+                    f"{consecutive_bad} consecutive non-finite meta-gradients at meta-step {step + 1}; stopped. "
+                    f"The last good checkpoint in {folder} is intact (try a lower --meta-lr)."
+                )
+            done = step + 1
+            score = validate(done, state.lopt_params) if next_val else None
+            if done % args.log_every == 0 or done == args.meta_steps or next_val:
+                returns = {t: w[0] / max(w[1], 1) for t, w in zip(task_names, window)}
+                meta_losses = {t: w[2] / (done - step_logged) for t, w in zip(task_names, window)}
+                row = metrics_row(done, steps_per_meta_step, bad_steps_total, returns, meta_losses, task_names, score)
+                write_metrics(metrics_path, [row], append=True)
+                elapsed = time.time() - timer_start
+                rate = (done - timer_step) / elapsed if elapsed > 0 and done > timer_step else float("nan")
+                eta = (args.meta_steps - done) / rate if rate == rate and rate > 0 else float("nan")
+                best_text = f" (best {best[0]:.2f} @ {best[1]})" if best else ""
+                val_text = f" | val {score:.2f} in {format_duration(val_s)}{best_text}" if score is not None else ""
+                print(
+                    f"meta-step {done}/{args.meta_steps} | {rate * steps_per_meta_step:,.0f} env steps/s | "
+                    f"meta-loss {np.mean(list(meta_losses.values())):.3g} | return "
+                    + " ".join(f"{t}={r:.2f}" for t, r in returns.items())
+                    + f"{val_text} | bad {bad_steps_total} | ETA {format_duration(eta) if eta == eta else '?'}",
+                    flush=True,
+                )
+                window[:], step_logged = 0.0, done
+            if done % args.save_every == 0 or done == args.meta_steps:
+                checkpointer.save(state, init_params, bad_steps_total)
+                last_saved = done
+        if done != last_saved:  # stopped by --time-limit between two checkpoints
             checkpointer.save(state, init_params, bad_steps_total)
-            last_saved = done
-    if done != last_saved:  # stopped by --time-limit between two checkpoints
-        checkpointer.save(state, init_params, bad_steps_total)
-    if os.path.getsize(metrics_path) > 0:
-        plot_metrics(metrics_path, os.path.join(folder, "meta_training.png"))
-    lopt_params = host_copy(state.lopt_params)
-    if best is None:
-        return MetaTrainResult(lopt_params, init_params, lopt_params, done, None, done)
-    return MetaTrainResult(lopt_params, init_params, best[2], best[1], best[0], done)
+        if os.path.getsize(metrics_path) > 0:
+            plot_metrics(metrics_path, os.path.join(folder, "meta_training.png"))
+        lopt_params = host_copy(state.lopt_params)
+        if best is None:
+            return MetaTrainResult(lopt_params, init_params, lopt_params, done, None, done)
+        return MetaTrainResult(lopt_params, init_params, best[2], best[1], best[0], done)
 
 
 def metrics_row(done, steps_per_meta_step, bad_steps, returns, meta_losses, task_names, val_score) -> dict:
@@ -1259,7 +1259,8 @@ def main(args: Args, clock_start: float | None = None) -> None:
     else:
         start = time.time()
         result = meta_train(args, task_names, folder, clock_start)
-        config, lopt_params, init_params, lopt_step = lopt_config(args), result.best_params, result.init_params, result.best_step
+        config, lopt_params, lopt_step = lopt_config(args), result.best_params, result.best_step
+        init_params = result.init_params
         best = result.best_score is not None
         lopt_path = os.path.join(folder, "optimizer_best.msgpack" if best else "optimizer.msgpack")
         print(f"meta-training took {format_duration(time.time() - start)} ({result.meta_step} meta-steps); "

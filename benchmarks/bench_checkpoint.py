@@ -16,6 +16,7 @@ that count: the machine is shared and noisy, absolute times are not.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -59,9 +60,12 @@ def main(bench: BenchArgs) -> None:
     state_mb = sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20
     print(f"{bench.env_group}, {bench.num_agents} agents/task: train state {state_mb:,.1f} MiB; "
           f"{bench.repeats} blocks of {bench.steps} meta-steps per way, alternating", flush=True)
-    checkpointer = tl.Checkpointer(os.path.join(folder, "ours"), args)
+    stack = contextlib.ExitStack()  # closed last: waits for the last writes, then removes the folder
+    stack.callback(shutil.rmtree, folder, ignore_errors=True)
+    checkpointer = stack.enter_context(tl.Checkpointer(os.path.join(folder, "ours"), args))
     manager = ocp.CheckpointManager(os.path.join(folder, "orbax"), options=ocp.CheckpointManagerOptions(
         max_to_keep=1, enable_async_checkpointing=True, create=True))
+    stack.callback(manager.close)
 
     def save_orbax(state):
         manager.save(int(state.meta_step), args=ocp.args.StandardSave(state))
@@ -72,7 +76,7 @@ def main(bench: BenchArgs) -> None:
     ways = {"none": (None, None), "ours": (lambda s: checkpointer.save(s, init_params, 0), checkpointer.wait),
             "orbax": (save_orbax, manager.wait_until_finished), "msgpack": (save_whole_msgpack, None)}
     times = {name: [] for name in ways}
-    try:
+    with stack:
         for _ in range(bench.repeats):
             for name, (save, wait) in ways.items():
                 start = time.perf_counter()
@@ -86,10 +90,6 @@ def main(bench: BenchArgs) -> None:
                 jax.block_until_ready(state)
                 times[name].append((time.perf_counter() - start) / bench.steps)
                 print(f"  {name:<8} {times[name][-1]:.3f} s/meta-step", flush=True)
-    finally:
-        checkpointer.close()
-        manager.close()
-        shutil.rmtree(folder, ignore_errors=True)
     base = np.median(times["none"])
     print(f"{'way':<8} {'s/meta-step (median)':>22} {'rate vs none':>14}")
     for name, t in times.items():
