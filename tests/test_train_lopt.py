@@ -28,7 +28,7 @@ import optax
 import pytest
 
 import train_lopt as tl
-from common import UserError, flag_name, load_msgpack, save_msgpack
+from common import ENV_GROUPS, UserError, flag_name, load_msgpack, save_msgpack
 from train_lopt import (
     EVAL_NAMES,
     L2L,
@@ -731,6 +731,24 @@ def test_main_end_to_end(tmp_path):
     for task in TASKS:
         for name in EVAL_NAMES:
             assert again["envs"][task][name] == pytest.approx(report["envs"][task][name], rel=1e-5, abs=1e-6)
+
+
+def test_meta_tasks_small_trains_on_the_small_grids_and_evaluates_the_group(tmp_path, monkeypatch):
+    """--meta-tasks small: meta-training and validation see only the group's small gridworlds; the final evaluation
+    covers the whole group; 'all' and groups without small grids meta-train on everything."""
+    group = ENV_GROUPS["gridworld"]
+    assert tl.meta_task_names(tiny_args(meta_tasks="small"), group) == ("small_dense_long", "small_dense_short")
+    assert tl.meta_task_names(tiny_args(meta_tasks="all"), group) == group
+    assert tl.meta_task_names(tiny_args(meta_tasks="small"), ("catch",)) == ("catch",)
+    assert tl.parse_args([]).meta_tasks == "small" and tl.parse_args(["--preset", "paper"]).meta_tasks == "all"
+
+    monkeypatch.setitem(ENV_GROUPS, "catch", ("catch", "small_dense_short"))  # a cheap mixed group
+    tl.main(tiny_args(out_dir=str(tmp_path), run_name="run", val_every=1, rollout_steps=8, val_steps=512,
+                      eval_steps=512))
+    folder = tmp_path / "run"
+    columns = tl.read_metrics(str(folder / "metrics.csv"))[0].keys()
+    assert "return/small_dense_short" in columns and "return/catch" not in columns
+    assert set(json.load(open(folder / "eval.json"))["envs"]) == {"catch", "small_dense_short"}
 
 
 def test_eval_only_needs_lopt_path(tmp_path):
