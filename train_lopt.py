@@ -56,7 +56,8 @@ EnvGroup = Literal[tuple(ENV_GROUPS)]  # "gridworld", any single gridworld name,
 @dataclass
 class Args:
     env_group: EnvGroup = "gridworld"
-    """task group to meta-train on: 'gridworld' (6 tasks), one gridworld name, or 'catch'"""
+    """task group: 'gridworld' (6 tasks), one gridworld name, or 'catch'; meta-training uses --meta-tasks of it, the
+    final evaluation all of it"""
     meta_tasks: Literal["small", "all"] = "small"
     """tasks of the group that meta-training and validation use: 'small': its small gridworlds, the only ones whose
     agents learn within a CPU-sized lifetime (a group without them uses all); 'all': every task, as in the paper.
