@@ -110,7 +110,8 @@ class Args:
     """wall-clock seconds for the whole command: meta-training stops in time to save and to run the final
     evaluation (--eval-reserve) within it; --resume continues the run"""
     eval_reserve: float | None = None
-    """seconds of --time-limit kept for the final evaluation; default: a quarter of the limit (0 with --no-final-eval)"""
+    """seconds of --time-limit kept for the final evaluation; default: estimated from the validation baselines when
+    validation covers the whole group, else a quarter of the limit (0 with --no-final-eval)"""
     final_eval: bool = True
     """evaluate the optimizer against the baselines after meta-training"""
     val_every: int = 25
@@ -741,7 +742,8 @@ def meta_task_names(args: Args, group: tuple[str, ...]) -> tuple[str, ...]:
     """--meta-tasks: the tasks of the group that meta-training uses.
 
     On a CPU budget the big gridworlds' agents never learn within a lifetime (Adam needs ~1e6 env steps there), so
-    their meta-gradients are noise, of up to the small grids' norm and of random sign, at 15x a small grid's cost.
+    their meta-gradients are noise (of comparable norm, with a sign that flips between meta-steps) at 15x a small
+    grid's cost.
     """
     small = tuple(t for t in group if t.startswith("small_"))
     return small if args.meta_tasks == "small" and small else group
