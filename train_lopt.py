@@ -742,8 +742,8 @@ def meta_task_names(args: Args, group: tuple[str, ...]) -> tuple[str, ...]:
     """--meta-tasks: the tasks of the group that meta-training uses.
 
     On a CPU budget the big gridworlds' agents never learn within a lifetime (Adam needs ~1e6 env steps there), so
-    their meta-gradients are noise (of comparable norm, with a sign that flips between meta-steps) at 15x a small
-    grid's cost.
+    their meta-gradients are noise (small, or with a sign that flips between meta-steps) at 15x a small grid's
+    cost.
     """
     small = tuple(t for t in group if t.startswith("small_"))
     return small if args.meta_tasks == "small" and small else group
