@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import sys
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.stats
 import tyro
 from flax import serialization, struct
 from gymnax.wrappers.purerl import LogWrapper
@@ -40,6 +43,7 @@ from common import (
     REWARD_SCALES,
     UserError,
     agent_kind,
+    atomic_write,
     check_args,
     check_writable_dir,
     load_arrays,
@@ -126,7 +130,10 @@ class Args:
     """skip meta-training; evaluate --lopt-path on the group"""
     lopt_path: str | None = PRETRAINED_OPTIMIZER
     """checkpoint for --eval-only; default: the optimizer shipped in checkpoints/"""
-    eval_seeds: int = 4
+    eval_tasks: Literal["meta", "group"] = "meta"
+    """tasks of the final evaluation: 'meta': the meta-training tasks (--meta-tasks); 'group': the whole group"""
+    eval_seeds: int = 16
+    """evaluation agents per task and optimizer (every learning rate is picked on --val-seeds other agents)"""
     eval_steps: int = 100_000
     """environment steps per evaluation agent"""
     eval_envs: int = 32
@@ -146,8 +153,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},
     # 512 agents per task, one env each; 3e7 env steps per task = 512 agents * 5 rollouts * 20 steps * 586 meta-steps.
     # Chunks of 64 agents: wider work for an accelerator than the CPU's 8 (a guess; not measured on one).
-    "paper": dict(meta_tasks="all", num_agents=512, agents_per_chunk=64, num_envs=1, meta_steps=586,
-                  reset_interval=144, eval_seeds=8, eval_steps=1_000_000, val_steps=200_000),
+    "paper": dict(meta_tasks="all", eval_tasks="group", num_agents=512, agents_per_chunk=64, num_envs=1, meta_steps=586,
+                  reset_interval=144, eval_steps=1_000_000, val_steps=200_000),
 }
 
 # ================================================================================================
@@ -345,7 +352,14 @@ def learned_optimizer(
 
 
 def with_grad_clip(tx: optax.GradientTransformation, grad_clip: float | None) -> optax.GradientTransformation:
+    """Element-wise clip of the gradient, then tx (the paper clips every optimizer's input at 1)."""
     return optax.chain(optax.clip(grad_clip), tx) if grad_clip else tx
+
+
+def clipped_learned_optimizer(net: nn.Module, lopt_params, learning_rate, grad_clip: float | None,
+                              chunk_size: int | None = None) -> optax.GradientTransformation:
+    """The learned optimizer as agents use it everywhere: element-wise clip, then the network's step."""
+    return with_grad_clip(learned_optimizer(net, lopt_params, learning_rate, chunk_size), grad_clip)
 
 
 def read_optimizer_checkpoint(path: str) -> dict:
@@ -381,7 +395,7 @@ def load_optimizer(path: str, learning_rate: float | None = None, grad_clip: flo
     config = ckpt["config"]
     lr = config["lopt_lr"] if learning_rate is None else learning_rate
     clip = config["grad_clip"] if grad_clip == -1.0 else grad_clip
-    return with_grad_clip(learned_optimizer(make_lopt_net(config), ckpt["params"], lr), clip)
+    return clipped_learned_optimizer(make_lopt_net(config), ckpt["params"], lr, clip)
 
 
 # ================================================================================================
@@ -639,7 +653,7 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
     )
 
     def inner_tx(lopt_params):
-        return with_grad_clip(learned_optimizer(net, lopt_params, args.lopt_lr, LOPT_CHUNK), args.grad_clip)
+        return clipped_learned_optimizer(net, lopt_params, args.lopt_lr, args.grad_clip, LOPT_CHUNK)
 
     def init(key) -> MetaState:
         key_lopt, key_pop, key = jax.random.split(key, 3)
@@ -766,7 +780,7 @@ def run_dir(args: Args) -> str:
 def resume_settings(args: Args) -> dict:
     """Settings that must not change when a run is resumed (meta_steps may grow; agents_per_chunk only trades memory
     for speed)."""
-    skip = {"resume", "meta_steps", "save_every", "log_every", "eval_only", "lopt_path", "eval_seeds", "eval_steps",
+    skip = {"resume", "meta_steps", "save_every", "log_every", "eval_only", "lopt_path", "eval_tasks", "eval_seeds", "eval_steps",
             "eval_envs", "max_bad_steps", "out_dir", "run_name", "distributed", "coordinator_address",
             "num_processes", "process_id", "agents_per_chunk", "time_limit", "eval_reserve", "final_eval", "val_every"}
     return {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
@@ -863,12 +877,22 @@ class Checkpointer:
 
 
 # ================================================================================================
-# Evaluation: fresh agents trained with the learned optimizer vs baselines
+# Evaluation: fresh agents, every optimizer's learning rate tuned per task, IQM with bootstrap intervals
 # ================================================================================================
 
-EVAL_NAMES = ("lopt", "lopt_init", "adam", "rmsprop", "random")
-BASELINE_LRS = {"adam": 3e-3, "rmsprop": 1e-3}
+# The official implementation's per-task learning-rate grid for Adam and RMSProp; extended where the best is at an edge.
+LR_GRID = (3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
+LOPT_LR_FACTORS = (1 / 3, 1.0, 3.0)  # the learned optimizer's own sweep, around its meta-trained lr
+MAX_GRID_EXTENSIONS = 2  # per side
+BASELINES = ("adam", "rmsprop", "sign_sgd")  # sign-SGD: what Optim4RL is at meta-step 0, given its own tuned lr
+EVAL_NAMES = ("lopt", "lopt_tuned", "lopt_init", "sign_sgd", "adam", "rmsprop", "random")
 FINAL_FRACTION = 0.1  # "final return": mean return of the episodes that end in the last 10% of training
+BOOTSTRAP_SAMPLES = 10_000
+EVAL_STREAM, VAL_STREAM = 1, 2  # the final evaluation and validation (and lr selection) draw from separate streams
+STREAM_FLAGS = {EVAL_STREAM: "--eval-seeds", VAL_STREAM: "--val-seeds"}
+# The learner's code, hashed once at import: part of the baseline cache's key (see BaselineCache).
+SOURCE_DIGEST = hashlib.sha1(b"".join(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f), "rb").read()
+                                      for f in ("train_lopt.py", "common.py"))).hexdigest()[:12]
 
 
 def make_a2c_train(task: Task, make_tx, num_updates: int, random_policy: bool = False):
@@ -898,145 +922,286 @@ def final_returns(return_sum, return_count) -> np.ndarray:
     return np.where(c > 0, s / np.maximum(c, 1), np.nan)
 
 
-EVAL_STREAM, VAL_STREAM = 1, 2  # the final evaluation and validation draw their seeds from separate key streams
-
-
 @lru_cache
 def _seed_splitter(num_seeds: int, flag: str):
     # A jitted split places the seeds over the devices like the population (on every host); built once per size.
     return jax.jit(lambda k: jax.random.split(k, num_seeds), out_shardings=population_sharding(num_seeds, flag))
 
 
-def evaluation_keys(seed: int, stream: int, task_index: int, num_seeds: int, flag: str) -> jax.Array:
-    """Agent seeds for one task of an evaluation stream, split over devices like the population."""
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), stream), task_index)
+def evaluation_keys(task_name: str, stream: int, num_seeds: int, flag: str) -> jax.Array:
+    """Agent seeds of a task in an evaluation stream: from the task's name alone, so a task gets the same agents in
+    any group, and optimizers meta-trained with different --seed are compared on the same agents."""
+    key = jax.random.fold_in(jax.random.PRNGKey(stream), zlib.crc32(task_name.encode()) & 0x7FFFFFFF)
     return _seed_splitter(num_seeds, flag)(key)
 
 
-class TaskEvaluator:
-    """Fresh A2C agents on one task, trained with a given optimizer; returns their per-seed final returns.
+def baseline_optimizer(name: str, learning_rate) -> optax.GradientTransformation:
+    return {"adam": optax.adam, "rmsprop": optax.rmsprop, "sign_sgd": optax.sign_sgd}[name](learning_rate)
 
-    The learned optimizer's parameters are an argument of its compiled trainer, so scoring another set of
-    parameters (validation during meta-training) does not compile again.
+
+class TaskEvaluator:
+    """Fresh A2C agents on one task: trains a batch of learning rates x seeds of one optimizer in one program.
+
+    Learning rates and the learned optimizer's parameters are arguments of the compiled trainer, so a sweep or
+    another set of parameters (validation during meta-training) does not compile again.
     """
 
-    def __init__(self, args: Args, name: str, config: dict, keys: jax.Array, steps: int):
-        self.args, self.keys = dataclasses.replace(args, num_envs=args.eval_envs), keys
+    def __init__(self, args: Args, name: str, config: dict, steps: int):
+        self.args = dataclasses.replace(args, num_envs=args.eval_envs)
+        self.name, self.steps, self.config = name, steps, config
         self.task = Task.make(name, self.args)
         self.num_updates = steps // (args.rollout_steps * args.eval_envs)
-        net = make_lopt_net(config)
-        lopt_tx = lambda p: with_grad_clip(learned_optimizer(net, p, config["lopt_lr"]), config["grad_clip"])  # noqa: E731
-        self.lopt_train = self._compile(lopt_tx)
+        self.net = make_lopt_net(config)
+        self._trainers = {}
 
-    def _compile(self, make_tx, random_policy: bool = False):
-        return jax.jit(jax.vmap(make_a2c_train(self.task, make_tx, self.num_updates, random_policy), (0, None)))
+    def returns(self, kind: str, keys: jax.Array, lrs, lopt_params=None) -> np.ndarray:
+        """Final returns [len(lrs), seeds] of `kind` (a baseline, 'lopt' with lopt_params, or 'random')."""
+        if kind not in self._trainers:
+            clip = self.config["grad_clip"]
 
-    def lopt(self, lopt_params) -> np.ndarray:
-        return final_returns(*self.lopt_train(self.keys, lopt_params))
+            def make_tx(tx_params):
+                lr, lopt_params = tx_params
+                if kind == "lopt":
+                    return clipped_learned_optimizer(self.net, lopt_params, lr, clip)
+                return with_grad_clip(baseline_optimizer("adam" if kind == "random" else kind, lr), clip)
 
-    def baseline(self, name: str) -> np.ndarray:
-        """adam, rmsprop (their usual A2C learning rates, the same element-wise clip) or the random policy."""
-        opt = {"adam": optax.adam, "rmsprop": optax.rmsprop, "random": optax.adam}[name]
-        lr, clip = BASELINE_LRS.get(name, BASELINE_LRS["adam"]), self.args.grad_clip
-        train = self._compile(lambda _: with_grad_clip(opt(lr), clip), random_policy=name == "random")
-        return final_returns(*train(self.keys, None))
+            train = make_a2c_train(self.task, make_tx, self.num_updates, random_policy=kind == "random")
+            self._trainers[kind] = jax.jit(jax.vmap(jax.vmap(train, (0, None)), (None, (0, None))))
+        lrs = jnp.asarray(lrs, jnp.float32)
+        return final_returns(*self._trainers[kind](keys, (lrs, lopt_params)))
+
+    def lopt(self, lopt_params, keys: jax.Array, lr: float | None = None) -> np.ndarray:
+        return self.returns("lopt", keys, [self.config["lopt_lr"] if lr is None else lr], lopt_params)[0]
+
+
+class BaselineCache:
+    """Per-seed final returns of the baselines, one JSON file per (task, budget, seeds, learner settings, code), so a
+    second run (or validation and the final evaluation of one run) does not train them again.
+
+    The key hashes this file and common.py too: a fork that changes the learner never reads stale baselines.
+    """
+
+    def __init__(self, folder: str | None):
+        self.folder = folder
+
+    def _path(self, evaluator: TaskEvaluator, stream: int, num_seeds: int) -> str | None:
+        if self.folder is None:
+            return None
+        a = evaluator.args
+        settings = dict(task=evaluator.name, steps=evaluator.steps, stream=stream, seeds=num_seeds,
+                        envs=a.eval_envs, rollout_steps=a.rollout_steps, gamma=a.gamma, gae_lambda=a.gae_lambda,
+                        entropy_coef=a.entropy_coef, grad_clip=evaluator.config["grad_clip"], jax=jax.__version__,
+                        devices=jax.device_count(), code=SOURCE_DIGEST)
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        return os.path.join(self.folder, f"{evaluator.name}_{evaluator.steps}_{stream}_{num_seeds}_{digest}.json")
+
+    def returns(self, evaluator: TaskEvaluator, kind: str, stream: int, num_seeds: int, lrs) -> dict:
+        """{lr: per-seed final returns} of a baseline, training only the learning rates not cached yet."""
+        path = self._path(evaluator, stream, num_seeds)
+        cached = json.load(open(path)) if path and os.path.exists(path) else {}
+        done = {float(lr): np.asarray(v, float) for lr, v in cached.get(kind, {}).items()}
+        missing = [lr for lr in lrs if float(lr) not in done]
+        if missing:
+            keys = evaluation_keys(evaluator.name, stream, num_seeds, STREAM_FLAGS[stream])
+            done.update(zip(map(float, missing), evaluator.returns(kind, keys, missing)))
+            if path and jax.process_index() == 0:
+                cached[kind] = {repr(lr): [None if x != x else float(x) for x in v] for lr, v in done.items()}
+                atomic_write(path, lambda f: f.write(json.dumps(cached).encode()))
+        return {float(lr): done[float(lr)] for lr in lrs}
+
+
+def selection_score(returns: np.ndarray) -> float:
+    """Mean final return over the selection seeds; agents that produced no finished episode count as -inf."""
+    return float(np.mean(returns)) if np.all(np.isfinite(returns)) else -math.inf
+
+
+def round_lr(lr: float) -> float:
+    return float(f"{lr:.3g}")  # 9e-3, not 0.009000000000000001: learning rates are keys of the cache and the report
+
+
+def tune_learning_rate(returns_for, grid) -> tuple[float, dict]:
+    """(best lr, {lr: per-seed returns}) by mean return on the selection seeds; returns_for(lrs) -> {lr: returns}.
+
+    Where the best is at an edge of the grid, the grid is extended on that side by its own ratio (at most
+    MAX_GRID_EXTENSIONS times), so the optimum is bracketed rather than clipped.
+    """
+    grid = sorted(float(lr) for lr in grid)
+    results, extended = returns_for(grid), {"up": 0, "down": 0}
+    while True:
+        lrs = sorted(results)
+        best = max(lrs, key=lambda lr: selection_score(results[lr]))
+        side = "up" if best == lrs[-1] else "down" if best == lrs[0] else None
+        if side is None or extended[side] == MAX_GRID_EXTENSIONS:
+            return best, results
+        extended[side] += 1
+        results.update(returns_for([round_lr(best * (grid[-1] / grid[-2] if side == "up" else grid[0] / grid[1]))]))
+
+
+def evaluate_task(args: Args, name: str, config: dict, lopt_params, init_params, steps: int,
+                  cache: BaselineCache) -> dict:
+    """Every optimizer on one task: each baseline at the lr it scores best with on the validation seeds, the learned
+    optimizer at its meta-trained lr and at its best lr picked the same way; reported on the evaluation seeds."""
+    evaluator = TaskEvaluator(args, name, config, steps)
+    val_keys = evaluation_keys(name, VAL_STREAM, args.val_seeds, "--val-seeds")
+    eval_keys = evaluation_keys(name, EVAL_STREAM, args.eval_seeds, "--eval-seeds")
+    returns, lrs, sweeps = {}, {}, {}
+    for kind in BASELINES:
+        lrs[kind], sweep = tune_learning_rate(
+            lambda grid: cache.returns(evaluator, kind, VAL_STREAM, args.val_seeds, grid), LR_GRID)
+        returns[kind] = cache.returns(evaluator, kind, EVAL_STREAM, args.eval_seeds, [lrs[kind]])[lrs[kind]]
+        sweeps[kind] = sweep
+    returns["random"] = cache.returns(evaluator, "random", EVAL_STREAM, args.eval_seeds, [0.0])[0.0]
+    lr = float(config["lopt_lr"])
+    lrs["lopt"] = lrs["lopt_init"] = lr
+    returns["lopt"] = evaluator.lopt(lopt_params, eval_keys)
+    returns["lopt_init"] = evaluator.lopt(init_params, eval_keys)
+    lrs["lopt_tuned"], sweeps["lopt"] = tune_learning_rate(
+        lambda grid: dict(zip(grid, evaluator.returns("lopt", val_keys, grid, lopt_params))),
+        [round_lr(lr * f) for f in LOPT_LR_FACTORS])
+    returns["lopt_tuned"] = (returns["lopt"] if math.isclose(lrs["lopt_tuned"], lr)
+                             else evaluator.lopt(lopt_params, eval_keys, lrs["lopt_tuned"]))
+    return {"returns": {n: returns[n] for n in EVAL_NAMES}, "lr": {n: lrs.get(n) for n in EVAL_NAMES},
+            "lr_sweep": {k: {lr: selection_score(r) for lr, r in sorted(s.items())} for k, s in sweeps.items()}}
 
 
 def evaluate(args: Args, task_names, config: dict, lopt_params, init_params, log=print) -> dict:
-    """Train args.eval_seeds fresh agents per task and optimizer; return {task: {name: per-seed final returns}}."""
+    """{task: evaluate_task(...)} at --eval-steps, baselines cached under <out-dir>/baseline_cache."""
+    cache = BaselineCache(os.path.join(args.out_dir, "baseline_cache"))
     results = {}
-    for task_index, name in enumerate(task_names):
+    for name in task_names:
         start = time.time()
-        keys = evaluation_keys(args.seed, EVAL_STREAM, task_index, args.eval_seeds, "--eval-seeds")
-        evaluator = TaskEvaluator(args, name, config, keys, args.eval_steps)
-        results[name] = {"lopt": evaluator.lopt(lopt_params), "lopt_init": evaluator.lopt(init_params),
-                         **{b: evaluator.baseline(b) for b in ("adam", "rmsprop", "random")}}
+        results[name] = evaluate_task(args, name, config, lopt_params, init_params, args.eval_steps, cache)
         log(f"  eval {name}: {time.time() - start:.0f}s "
-            + " ".join(f"{k}={np.mean(v):.2f}+-{np.std(v):.2f}" for k, v in results[name].items()))
+            + " ".join(f"{k}={np.mean(v):.2f}" for k, v in results[name]["returns"].items()))
     return results
 
 
-class Validator:
-    """Scores optimizer parameters during meta-training: the mean normalised return of fresh agents trained with
-    them (--val-seeds x --val-steps per task), over the meta-training tasks where Adam beats random at that budget.
+# --- Statistics: normalised scores, interquartile mean, stratified bootstrap (as rliable computes them) ---
 
-    Adam and the random policy are trained once per run. The seeds come from their own key stream, so the
-    optimizer chosen by validation is never selected on the final evaluation's agents.
+
+def normalized_scores(returns: dict, name: str) -> np.ndarray:
+    """Per seed: (R - mean R_random) / (mean R_adam - mean R_random), Adam being the tuned one."""
+    rand, adam = np.mean(returns["random"]), np.mean(returns["adam"])
+    return (np.asarray(returns[name], float) - rand) / (adam - rand + 1e-8)
+
+
+def iqm(scores: np.ndarray, axis=None) -> np.ndarray:
+    """Interquartile mean: the mean of the middle 50% of runs (scipy's trim_mean, as rliable uses)."""
+    return scipy.stats.trim_mean(scores, 0.25, axis=axis)
+
+
+def iqm_interval(per_task: list[np.ndarray], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0):
+    """(IQM, 2.5th, 97.5th percentile) of the IQM over all runs of all tasks; the interval comes from a stratified
+    bootstrap, each task's runs resampled with replacement (percentile method). Non-finite runs are dropped."""
+    per_task = [np.asarray(x, float)[np.isfinite(x)] for x in per_task]
+    per_task = [x for x in per_task if x.size]
+    if not per_task:
+        return (math.nan, math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    resampled = np.concatenate([x[rng.integers(0, x.size, (samples, x.size))] for x in per_task], axis=1)
+    low, high = np.percentile(iqm(resampled, axis=1), [2.5, 97.5])
+    return (float(iqm(np.concatenate(per_task))), float(low), float(high))
+
+
+def adam_beats_random(returns: dict) -> bool:
+    """Whether tuned Adam's margin over the random policy exceeds twice its standard error over seeds.
+
+    Where it does not, Adam has not learned the task within the evaluation budget, and a return normalised by that
+    margin is noise: such tasks are reported but left out of the aggregate.
     """
-
-    def __init__(self, args: Args, task_names, log=print):
-        start, evaluators, self.baselines = time.time(), {}, {}
-        for task_index, name in enumerate(task_names):
-            keys = evaluation_keys(args.seed, VAL_STREAM, task_index, args.val_seeds, "--val-seeds")
-            evaluators[name] = TaskEvaluator(args, name, lopt_config(args), keys, args.val_steps)
-            self.baselines[name] = {b: evaluators[name].baseline(b) for b in ("adam", "random")}
-        # Tasks where Adam does not beat random at this budget would add noise; if that is all of them, use all.
-        informative = [t for t in task_names if adam_beats_random(self.baselines[t])] or list(task_names)
-        self.evaluators = {t: evaluators[t] for t in informative}
-        log(f"validation on {', '.join(informative)} ({args.val_seeds} seeds x {args.val_steps:,} env steps; Adam "
-            f"beats random there unless that is no task); baselines took {format_duration(time.time() - start)}")
-        self.baselines_s = time.time() - start
-
-    def __call__(self, lopt_params) -> float:
-        return float(np.mean([normalized({"lopt": e.lopt(lopt_params), **self.baselines[name]}, "lopt")
-                              for name, e in self.evaluators.items()]))
-
-
-def normalized(r: dict, name: str) -> float:
-    """(R - R_random) / (R_adam - R_random), on seed means."""
-    mean = {k: float(np.mean(v)) for k, v in r.items()}
-    return (mean[name] - mean["random"]) / (mean["adam"] - mean["random"] + 1e-8)
-
-
-def adam_beats_random(r: dict) -> bool:
-    """Whether Adam's margin over the random policy exceeds twice its standard error over seeds.
-
-    Where it does not, Adam has not learned the task within the evaluation budget, and a return
-    normalised by that margin is noise: such tasks are reported but left out of the informative mean.
-    """
-    adam, rand = np.asarray(r["adam"]), np.asarray(r["random"])
+    adam, rand = np.asarray(returns["adam"]), np.asarray(returns["random"])
     stderr = np.sqrt(np.var(adam, ddof=1) / adam.size + np.var(rand, ddof=1) / rand.size) if adam.size > 1 else 0.0
     return bool(np.mean(adam) - np.mean(rand) > 2 * stderr)
 
 
-def format_eval_table(results: dict, lopt_step: int) -> str:
-    header = f"{'task':<20}" + "".join(f"{n:>10}" for n in EVAL_NAMES) + f"{'norm lopt':>11}{'norm init':>11}"
-    lines = [f"lopt: the optimizer of meta-step {lopt_step}; lopt_init: the same network at meta-step 0", header]
-    for task, r in results.items():
-        note = "" if adam_beats_random(r) else "  (Adam ~ random: not informative)"
-        lines.append(
-            f"{task:<20}" + "".join(f"{np.mean(r[n]):>10.2f}" for n in EVAL_NAMES)
-            + f"{normalized(r, 'lopt'):>11.2f}{normalized(r, 'lopt_init'):>11.2f}" + note
-        )
-    wins = sum(np.mean(r["lopt"]) > np.mean(r["lopt_init"]) for r in results.values())
-    lines.append(f"lopt beats lopt_init on {wins}/{len(results)} tasks")
-    for label, subset in (("all tasks", results), ("tasks where Adam beats random", {
-        t: r for t, r in results.items() if adam_beats_random(r)})):
-        if subset:
-            lopt = np.mean([normalized(r, "lopt") for r in subset.values()])
-            init = np.mean([normalized(r, "lopt_init") for r in subset.values()])
-            lines.append(f"mean normalised return over {label} ({len(subset)}): lopt {lopt:.2f}, lopt_init {init:.2f}")
+def summarize(results: dict) -> dict:
+    """IQM [95% CI] of the normalised score per task and optimizer, and over the informative tasks together."""
+    informative = [t for t, r in results.items() if adam_beats_random(r["returns"])]
+    per_task = {t: {n: iqm_interval([normalized_scores(r["returns"], n)]) for n in EVAL_NAMES}
+                for t, r in results.items()}
+    aggregate = {n: iqm_interval([normalized_scores(results[t]["returns"], n) for t in informative])
+                 for n in EVAL_NAMES} if informative else {}
+    return {"informative_tasks": informative, "per_task": per_task, "aggregate": aggregate}
+
+
+def format_lr(lr) -> str:
+    return "" if lr is None else f"{lr:.0e}".replace("e-0", "e-")
+
+
+def format_eval_table(results: dict, lopt_step: int, args: Args) -> str:
+    summary = summarize(results)
+    tasks = list(results)
+    columns = [*tasks, f"informative ({len(summary['informative_tasks'])})"]
+    width = max(26, *(len(c) + 2 for c in columns))
+    interval = lambda s: "n/a" if s[0] != s[0] else f"{s[0]:.2f} [{s[1]:.2f}, {s[2]:.2f}]"  # noqa: E731
+    lines = [f"normalised return (0 = random policy, 1 = tuned Adam): IQM over {args.eval_seeds} evaluation seeds "
+             f"[95% stratified-bootstrap CI] @ lr, each lr picked on {args.val_seeds} validation seeds; "
+             f"lopt: meta-step {lopt_step} at its meta-trained lr, lopt_tuned: at its best lr, lopt_init: meta-step 0",
+             f"{'optimizer':<12}" + "".join(f"{c:>{width}}" for c in columns)]
+    for name in EVAL_NAMES:
+        cells = [f"{interval(summary['per_task'][t][name])} @ {format_lr(results[t]['lr'][name]) or '-':>5}"
+                 for t in tasks]
+        cells.append(interval(summary["aggregate"][name]) if summary["aggregate"] else "no informative task")
+        lines.append(f"{name:<12}" + "".join(f"{c:>{width}}" for c in cells))
+    for t in tasks:
+        r = results[t]["returns"]
+        note = "" if t in summary["informative_tasks"] else " (tuned Adam ~ random: not informative, left out)"
+        lines.append(f"{t}: mean final return adam {np.mean(r['adam']):.2f}, random {np.mean(r['random']):.2f}{note}")
     return "\n".join(lines)
 
 
-def write_eval(folder: str, args: Args, results: dict, lopt_path: str, lopt_step: int) -> None:
-    # NaN (no episode ended in the final window) is written as null: JSON has no NaN.
-    finite = lambda v: None if v != v else float(v)  # noqa: E731
+def write_eval(folder: str, args: Args, results: dict, lopt_path: str, lopt_step: int) -> dict:
+    """eval.json: per-seed final returns, the learning rates picked and their sweeps, IQM and intervals."""
+    finite = lambda v: None if v is None or v != v or abs(v) == math.inf else float(v)  # noqa: E731  (JSON: no NaN)
+    summary = summarize(results)
     report = {
-        "envs": {t: {n: finite(np.mean(v)) for n, v in r.items()} for t, r in results.items()},
-        "seed_std": {t: {n: finite(np.std(v)) for n, v in r.items()} for t, r in results.items()},
-        "normalized": {t: {n: finite(normalized(r, n)) for n in ("lopt", "lopt_init", "rmsprop")}
-                       for t, r in results.items()},
-        "adam_beats_random": {t: adam_beats_random(r) for t, r in results.items()},
-        "eval_seeds": args.eval_seeds,
-        "eval_steps": args.eval_steps,
-        "eval_envs": args.eval_envs,
-        "lopt_path": lopt_path,
-        "lopt_meta_step": lopt_step,
+        "tasks": {t: {"returns": {n: [finite(x) for x in v] for n, v in r["returns"].items()},
+                      "lr": r["lr"],
+                      "lr_sweep": {k: {repr(lr): finite(s) for lr, s in sweep.items()}
+                                   for k, sweep in r["lr_sweep"].items()},
+                      "normalized_iqm_ci": {n: [finite(x) for x in s] for n, s in summary["per_task"][t].items()},
+                      "adam_beats_random": t in summary["informative_tasks"]}
+                  for t, r in results.items()},
+        "aggregate": {"tasks": summary["informative_tasks"],
+                      "normalized_iqm_ci": {n: [finite(x) for x in s] for n, s in summary["aggregate"].items()}},
+        "eval_seeds": args.eval_seeds, "val_seeds": args.val_seeds, "eval_steps": args.eval_steps,
+        "eval_envs": args.eval_envs, "lopt_path": lopt_path, "lopt_meta_step": lopt_step,
     }
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "eval.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    atomic_write(os.path.join(folder, "eval.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
+    return report
+
+
+class Validator:
+    """Scores optimizer parameters during meta-training: the mean normalised return of fresh agents trained with
+    them (--val-seeds x --val-steps per task), over the meta-training tasks where tuned Adam beats random.
+
+    Tuned Adam (the lr sweep of the final evaluation, on the same validation seeds; cached) and the random policy
+    are the normalisers. The seeds come from the validation stream, never the final evaluation's agents.
+    """
+
+    def __init__(self, args: Args, task_names, log=print):
+        start, evaluators, self.baselines = time.time(), {}, {}
+        cache = BaselineCache(os.path.join(args.out_dir, "baseline_cache"))
+        self.keys = {}
+        for name in task_names:
+            evaluators[name] = evaluator = TaskEvaluator(args, name, lopt_config(args), args.val_steps)
+            adam_lr, sweep = tune_learning_rate(
+                lambda grid: cache.returns(evaluator, "adam", VAL_STREAM, args.val_seeds, grid), LR_GRID)
+            rand = cache.returns(evaluator, "random", VAL_STREAM, args.val_seeds, [0.0])[0.0]
+            self.baselines[name] = {"adam": sweep[adam_lr], "random": rand}
+            self.keys[name] = evaluation_keys(name, VAL_STREAM, args.val_seeds, "--val-seeds")
+        # Tasks where Adam does not beat random at this budget would add noise; if that is all of them, use all.
+        informative = [t for t in task_names if adam_beats_random(self.baselines[t])] or list(task_names)
+        self.evaluators = {t: evaluators[t] for t in informative}
+        log(f"validation on {', '.join(informative)} ({args.val_seeds} seeds x {args.val_steps:,} env steps, "
+            f"normalised by tuned Adam); baselines took {format_duration(time.time() - start)}")
+        self.baselines_s = time.time() - start
+
+    def __call__(self, lopt_params) -> float:
+        return float(np.mean([np.mean(normalized_scores({"lopt": e.lopt(lopt_params, self.keys[name]),
+                                                          **self.baselines[name]}, "lopt"))
+                              for name, e in self.evaluators.items()]))
 
 
 # ================================================================================================
@@ -1268,6 +1433,7 @@ def main(args: Args, clock_start: float | None = None) -> None:
     if args.distributed:
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     task_names = ENV_GROUPS[args.env_group]
+    eval_task_names = meta_task_names(args, task_names) if args.eval_tasks == "meta" else task_names  # --eval-tasks
     folder = run_dir(args)
     if args.eval_only:
         if not args.lopt_path:
@@ -1288,12 +1454,12 @@ def main(args: Args, clock_start: float | None = None) -> None:
               + f"optimizer saved to {lopt_path}")
         if not args.final_eval:
             return
-    print(f"evaluating {lopt_path} (meta-step {lopt_step}) on {len(task_names)} task(s): {args.eval_seeds} seeds x "
-          f"{args.eval_steps} env steps each")
+    print(f"evaluating {lopt_path} (meta-step {lopt_step}) on {', '.join(eval_task_names)}: {args.eval_seeds} seeds x "
+          f"{args.eval_steps:,} env steps per optimizer; learning rates tuned on {args.val_seeds} validation seeds")
     start = time.time()
-    results = evaluate(args, task_names, config, lopt_params, init_params)
+    results = evaluate(args, eval_task_names, config, lopt_params, init_params)
     write_eval(folder, args, results, lopt_path, lopt_step)
-    print(format_eval_table(results, lopt_step))
+    print(format_eval_table(results, lopt_step, args))
     print(f"evaluation took {format_duration(time.time() - start)}; wrote {os.path.join(folder, 'eval.json')}")
 
 

@@ -719,10 +719,17 @@ def test_main_end_to_end(tmp_path):
     for name in ("optimizer.msgpack", "metrics.csv", "meta_training.png", "eval.json", "args.json"):
         assert os.path.getsize(os.path.join(folder, name)) > 0, name
     report = json.load(open(os.path.join(folder, "eval.json")))
-    assert set(report["envs"]) == set(TASKS)
-    for task, results in report["envs"].items():
-        assert set(results) == set(EVAL_NAMES)
-        assert all(isinstance(v, float) and math.isfinite(v) for v in results.values()), results
+    assert set(report["tasks"]) == set(TASKS)
+    for task, results in report["tasks"].items():
+        assert set(results["returns"]) == set(EVAL_NAMES)
+        for name, returns in results["returns"].items():  # per-seed final returns, all finite
+            assert len(returns) == TINY["eval_seeds"] and all(math.isfinite(v) for v in returns), (name, returns)
+        assert results["lr"]["lopt"] == results["lr"]["lopt_init"] == tl.Args.lopt_lr
+        for name in tl.BASELINES:  # each baseline was swept over at least the whole grid, and picked from it
+            assert set(map(float, results["lr_sweep"][name])) >= set(tl.LR_GRID)
+            assert results["lr"][name] in map(float, results["lr_sweep"][name])
+        iqm, low, high = results["normalized_iqm_ci"]["lopt"]
+        assert low <= iqm <= high
     assert report["lopt_path"] == os.path.join(folder, "optimizer.msgpack")
 
     tl.main(tiny_args(out_dir=out, run_name="again", eval_only=True, lopt_path=report["lopt_path"]))
@@ -730,25 +737,27 @@ def test_main_end_to_end(tmp_path):
     assert set(os.listdir(os.path.join(out, "again"))) == {"eval.json"}  # nothing trained
     for task in TASKS:
         for name in EVAL_NAMES:
-            assert again["envs"][task][name] == pytest.approx(report["envs"][task][name], rel=1e-5, abs=1e-6)
+            np.testing.assert_allclose(again["tasks"][task]["returns"][name], report["tasks"][task]["returns"][name],
+                                       rtol=1e-5, atol=1e-6)
 
 
 def test_meta_tasks_small_trains_on_the_small_grids_and_evaluates_the_group(tmp_path, monkeypatch):
-    """--meta-tasks small: meta-training and validation see only the group's small gridworlds; the final evaluation
-    covers the whole group; 'all' and groups without small grids meta-train on everything."""
+    """--meta-tasks small: meta-training and validation see only the group's small gridworlds; --eval-tasks group
+    evaluates the whole group; 'all' and groups without small grids meta-train on everything."""
     group = ENV_GROUPS["gridworld"]
     assert tl.meta_task_names(tiny_args(meta_tasks="small"), group) == ("small_dense_long", "small_dense_short")
     assert tl.meta_task_names(tiny_args(meta_tasks="all"), group) == group
     assert tl.meta_task_names(tiny_args(meta_tasks="small"), ("catch",)) == ("catch",)
     assert tl.parse_args([]).meta_tasks == "small" and tl.parse_args(["--preset", "paper"]).meta_tasks == "all"
+    assert tl.parse_args([]).eval_tasks == "meta" and tl.parse_args(["--preset", "paper"]).eval_tasks == "group"
 
     monkeypatch.setitem(ENV_GROUPS, "catch", ("catch", "small_dense_short"))  # a cheap mixed group
     tl.main(tiny_args(out_dir=str(tmp_path), run_name="run", val_every=1, rollout_steps=8, val_steps=512,
-                      eval_steps=512))
+                      eval_steps=512, eval_tasks="group"))
     folder = tmp_path / "run"
     columns = tl.read_metrics(str(folder / "metrics.csv"))[0].keys()
     assert "return/small_dense_short" in columns and "return/catch" not in columns
-    assert set(json.load(open(folder / "eval.json"))["envs"]) == {"catch", "small_dense_short"}
+    assert set(json.load(open(folder / "eval.json"))["tasks"]) == {"catch", "small_dense_short"}
 
 
 def test_eval_only_needs_lopt_path(tmp_path):
@@ -918,14 +927,36 @@ def test_checkpoint_path_is_a_directory(tmp_path):
 
 def test_validation_and_evaluation_seeds_are_disjoint():
     """Validation agents never share a seed with the final evaluation's, for any task or seed count."""
-    for task_index in range(6):
-        val = np.asarray(jax.random.key_data(tl.evaluation_keys(0, tl.VAL_STREAM, task_index, 16, "--val-seeds")))
-        for other in range(6):
-            evl = np.asarray(jax.random.key_data(tl.evaluation_keys(0, tl.EVAL_STREAM, other, 16, "--eval-seeds")))
+    names = [*ENV_GROUPS["gridworld"], "catch"]
+    for name in names:
+        val = np.asarray(jax.random.key_data(tl.evaluation_keys(name, tl.VAL_STREAM, 16, "--val-seeds")))
+        for other in names:
+            evl = np.asarray(jax.random.key_data(tl.evaluation_keys(other, tl.EVAL_STREAM, 16, "--eval-seeds")))
             assert not any((v == e).all() for v in val for e in evl)
-    a = tl.evaluation_keys(0, tl.EVAL_STREAM, 0, 4, "--eval-seeds")
+            if other != name:  # and tasks do not share agents either
+                other_val = jax.random.key_data(tl.evaluation_keys(other, tl.VAL_STREAM, 16, "--val-seeds"))
+                assert not any((v == o).all() for v in val for o in np.asarray(other_val))
+    a = tl.evaluation_keys("catch", tl.EVAL_STREAM, 4, "--eval-seeds")
     np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(
-        tl.evaluation_keys(0, tl.EVAL_STREAM, 0, 4, "--eval-seeds")))  # and they are reproducible
+        tl.evaluation_keys("catch", tl.EVAL_STREAM, 4, "--eval-seeds")))  # and they are reproducible
+
+
+def test_a_task_is_scored_the_same_alone_in_a_group_and_for_any_meta_seed(tmp_path, monkeypatch):
+    """The evaluation's agents belong to the task: the same optimizer on catch gives the same per-seed returns and
+    picks the same learning rates evaluated alone with --seed 0 as second task of a group with --seed 5 (separate
+    out-dirs, so nothing comes from a shared baseline cache)."""
+    lopt_path = tl.PRETRAINED_OPTIMIZER
+    tl.main(tiny_args(out_dir=str(tmp_path / "a"), run_name="alone", eval_only=True, lopt_path=lopt_path))
+    monkeypatch.setitem(ENV_GROUPS, "catch", ("small_dense_short", "catch"))
+    tl.main(tiny_args(out_dir=str(tmp_path / "b"), run_name="group", eval_only=True, lopt_path=lopt_path,
+                      eval_tasks="group", seed=5))
+    alone = json.load(open(tmp_path / "a" / "alone" / "eval.json"))["tasks"]
+    group = json.load(open(tmp_path / "b" / "group" / "eval.json"))["tasks"]
+    assert list(alone) == ["catch"] and list(group) == ["small_dense_short", "catch"]
+    for name in EVAL_NAMES:
+        np.testing.assert_allclose(group["catch"]["returns"][name], alone["catch"]["returns"][name],
+                                   rtol=1e-5, atol=1e-6)
+    assert group["catch"]["lr"] == alone["catch"]["lr"]
 
 
 def scripted_validation(monkeypatch, scores: dict):
@@ -974,15 +1005,21 @@ def test_validation_keeps_the_best_and_survives_resume(trained, tmp_path, monkey
 
 
 def test_validator_scores_against_its_baselines(tmp_path):
-    """The real Validator on catch: scores are normalised by Adam and random on the validation seeds,
-    and equal parameters give equal scores (its trainer is compiled once, the parameters are an argument)."""
-    args = tiny_args(val_seeds=2, val_steps=64)
+    """The real Validator on catch: scores are normalised by tuned Adam and random on the validation seeds (the same
+    cached sweep the final evaluation uses), and equal parameters give equal scores (its trainer is compiled once,
+    the parameters are an argument)."""
+    args = tiny_args(val_seeds=2, val_steps=64, out_dir=str(tmp_path))
     validator = tl.Validator(args, TASKS, log=lambda *_: None)
     params = init_lopt_params(make_lopt_net(lopt_config(args)), jax.random.PRNGKey(0))
     score = validator(params)
     assert math.isfinite(score) and score == validator(params)
-    returns = validator.evaluators["catch"].lopt(params)
-    assert score == pytest.approx(tl.normalized({"lopt": returns, **validator.baselines["catch"]}, "lopt"))
+    returns = validator.evaluators["catch"].lopt(params, validator.keys["catch"])
+    expected = np.mean(tl.normalized_scores({"lopt": returns, **validator.baselines["catch"]}, "lopt"))
+    assert score == pytest.approx(expected)
+    evaluator, cache = tl.TaskEvaluator(args, "catch", lopt_config(args), 64), tl.BaselineCache(str(tmp_path / "c"))
+    best, sweep = tl.tune_learning_rate(lambda grid: cache.returns(evaluator, "adam", tl.VAL_STREAM, 2, grid),
+                                        tl.LR_GRID)  # computed afresh in another cache folder
+    np.testing.assert_allclose(validator.baselines["catch"]["adam"], sweep[best], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1065,3 +1102,80 @@ def test_validation_never_keeps_a_nan_score(tmp_path, monkeypatch):
     result = meta_train(tiny_args(val_every=2), TASKS, str(tmp_path / "run"))
     assert (result.best_step, result.best_score) == (2, -0.3)
     assert read_optimizer_checkpoint(str(tmp_path / "run" / "optimizer_best.msgpack"))["meta_step"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# 17. The evaluation protocol: learning-rate tuning, baseline cache, IQM and stratified bootstrap intervals
+# ------------------------------------------------------------------------------------------------
+
+
+def test_iqm_is_the_mean_of_the_middle_half():
+    assert tl.iqm(np.arange(1.0, 9.0)) == pytest.approx(4.5)  # drops 1, 2 and 7, 8
+    assert tl.iqm(np.array([0.0, 1.0, 1.0, 100.0])) == pytest.approx(1.0)  # an outlier does not move it
+
+
+def test_stratified_bootstrap_keeps_each_tasks_runs():
+    """Task A scores 0 on every seed, task B 1: a bootstrap that resamples within each task always draws half zeros
+    and half ones, so the interval collapses to 0.5; pooled resampling would not. Noisy scores give an interval
+    around the IQM that narrows with more seeds."""
+    assert tl.iqm_interval([np.zeros(8), np.ones(8)]) == (0.5, 0.5, 0.5)
+    rng = np.random.default_rng(0)
+    few, many = (tl.iqm_interval([rng.normal(1.0, 1.0, n)]) for n in (16, 256))
+    assert few[1] < few[0] < few[2] and many[1] < many[0] < many[2]
+    assert many[2] - many[1] < 0.5 * (few[2] - few[1])
+    assert tl.iqm_interval([np.array([np.nan, 1.0, 1.0])]) == (1.0, 1.0, 1.0)  # non-finite runs are dropped
+    assert all(math.isnan(x) for x in tl.iqm_interval([np.array([np.nan])]))
+
+
+def test_normalised_scores_use_tuned_adam_and_random():
+    returns = {"adam": np.array([3.0, 5.0]), "random": np.array([1.0, 1.0]), "lopt": np.array([1.0, 2.5, 5.5])}
+    np.testing.assert_allclose(tl.normalized_scores(returns, "lopt"), [0.0, 0.5, 1.5], atol=1e-6)
+    assert np.mean(tl.normalized_scores(returns, "adam")) == pytest.approx(1.0)
+
+
+def test_tune_learning_rate_extends_the_grid_at_an_edge():
+    """A return that peaks beyond the grid's top makes the grid grow there, at most MAX_GRID_EXTENSIONS times; an
+    interior optimum is kept without extension; a diverged lr (no finished episode) is never picked."""
+    asked = []
+
+    def peaked_at(optimum):
+        def returns_for(lrs):
+            asked.extend(lrs)
+            return {lr: np.full(4, -abs(math.log(lr / optimum))) for lr in lrs}
+        return returns_for
+
+    best, results = tl.tune_learning_rate(peaked_at(3e-3), tl.LR_GRID)
+    assert best == 3e-3 and sorted(results) == sorted(tl.LR_GRID) and len(asked) == len(tl.LR_GRID)
+    best, results = tl.tune_learning_rate(peaked_at(1e-1), tl.LR_GRID)
+    assert best == 0.09 and sorted(results)[-1] == 0.27  # 3e-2 x 3 was the edge, so 0.27 was tried: worse
+    best, results = tl.tune_learning_rate(peaked_at(10.0), tl.LR_GRID)
+    assert best == 0.27 and len(results) == len(tl.LR_GRID) + tl.MAX_GRID_EXTENSIONS  # stops at the cap
+    best, _ = tl.tune_learning_rate(peaked_at(1e-6), tl.LR_GRID)
+    assert best == pytest.approx(1.11e-5)
+    diverged = lambda lrs: {lr: np.array([np.nan, 5.0]) if lr == 1e-2 else np.ones(2) * lr for lr in lrs}  # noqa: E731
+    assert tl.tune_learning_rate(diverged, (1e-3, 1e-2, 3e-3))[0] == 3e-3
+
+
+def test_baseline_cache_trains_each_learning_rate_once(tmp_path, monkeypatch):
+    """A second request for the same (task, budget, seeds) reads the file; new learning rates train only
+    themselves; another budget or stream is another file, of per-seed returns."""
+    args = tiny_args()
+    trained = []
+
+    def fake_returns(self, kind, keys, lrs, lopt_params=None):
+        trained.append((kind, self.steps, tuple(float(lr) for lr in lrs)))
+        return np.array([[lr, 2 * lr] for lr in lrs], float)
+
+    monkeypatch.setattr(tl.TaskEvaluator, "returns", fake_returns)
+    cache = tl.BaselineCache(str(tmp_path))
+    evaluator = tl.TaskEvaluator(args, "catch", lopt_config(args), 64)
+    first = cache.returns(evaluator, "adam", tl.VAL_STREAM, 2, [1e-3, 3e-3])
+    again = tl.BaselineCache(str(tmp_path)).returns(evaluator, "adam", tl.VAL_STREAM, 2, [3e-3, 1e-3, 1e-2])
+    assert trained == [("adam", 64, (1e-3, 3e-3)), ("adam", 64, (1e-2,))]
+    np.testing.assert_array_equal(again[3e-3], first[3e-3])
+    np.testing.assert_array_equal(again[1e-2], [1e-2, 2e-2])
+    cache.returns(tl.TaskEvaluator(args, "catch", lopt_config(args), 128), "adam", tl.VAL_STREAM, 2, [1e-3])
+    cache.returns(evaluator, "adam", tl.EVAL_STREAM, 2, [1e-3])
+    assert len(trained) == 4 and len(os.listdir(tmp_path)) == 3  # another budget, another stream: new entries
+    stored = json.load(open(tmp_path / sorted(os.listdir(tmp_path))[0]))
+    assert set(stored) == {"adam"} and all(len(v) == 2 for v in stored["adam"].values())
