@@ -20,6 +20,7 @@ import gymnax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 from flax import serialization, struct
 from gymnax.environments import environment, spaces
 
@@ -213,6 +214,10 @@ def run_cli(main, *args, **kwargs):
         raise SystemExit(2) from None
 
 
+def format_duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f}m" if seconds >= 60 else f"{seconds:.0f}s"
+
+
 def flag_name(field: str) -> str:
     """The command-line flag of an Args field, as tyro spells it."""
     return "--" + field.replace("_", "-")
@@ -318,3 +323,29 @@ def load_msgpack(path: str) -> dict:
     if not isinstance(tree, dict):
         raise UserError(f"cannot read checkpoint {path}: not a checkpoint written by this project")
     return tree
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics: the interquartile mean and its stratified-bootstrap interval, as rliable computes them
+# ----------------------------------------------------------------------------------------------
+# Our own few lines rather than rliable: it would bring pandas, seaborn and arch for two functions.
+
+BOOTSTRAP_SAMPLES = 10_000
+
+
+def iqm(scores: np.ndarray, axis=None) -> np.ndarray:
+    """Interquartile mean: the mean of the middle 50% of runs (scipy's trim_mean, as rliable uses)."""
+    return scipy.stats.trim_mean(scores, 0.25, axis=axis)
+
+
+def iqm_interval(per_task: list[np.ndarray], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0):
+    """(IQM, 2.5th, 97.5th percentile) of the IQM over all runs of all tasks; the interval comes from a stratified
+    bootstrap, each task's runs resampled with replacement (percentile method). Non-finite runs are dropped."""
+    per_task = [np.asarray(x, float)[np.isfinite(x)] for x in per_task]
+    per_task = [x for x in per_task if x.size]
+    if not per_task:
+        return (math.nan, math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    resampled = np.concatenate([x[rng.integers(0, x.size, (samples, x.size))] for x in per_task], axis=1)
+    low, high = np.percentile(iqm(resampled, axis=1), [2.5, 97.5])
+    return (float(iqm(np.concatenate(per_task))), float(low), float(high))

@@ -35,9 +35,17 @@ from brax.training.acme import running_statistics, specs
 from brax.training.agents.ppo import losses as brax_ppo_losses
 from brax.training.agents.ppo import networks as brax_ppo_networks
 
-from common import PRETRAINED_OPTIMIZER, UserError, check_args, check_writable_dir, run_cli
+from common import (
+    PRETRAINED_OPTIMIZER,
+    UserError,
+    check_args,
+    check_writable_dir,
+    format_duration,
+    iqm_interval,
+    run_cli,
+)
 
-OptimizerName = Literal["adam", "rmsprop", "sgd", "lopt"]
+OptimizerName = Literal["adam", "adam_brax", "rmsprop", "sgd", "lopt"]
 
 
 @dataclass
@@ -50,21 +58,24 @@ class Args:
     preset: Literal["cpu", "paper"] = "cpu"
     """'cpu': Brax's PPO settings scaled to a few CPU cores; 'paper': Brax's published settings and budget"""
     optimizers: tuple[OptimizerName, ...] = ("adam", "lopt")
-    """optimizers to compare, trained one after another with the same PPO settings and seeds"""
+    """optimizers to compare, trained one after another with the same PPO settings and seeds: adam, rmsprop, sgd and
+    lopt get the same element-wise --grad-clip; adam_brax is Adam as Brax's trainer sets it (no element-wise clip,
+    optional --max-grad-norm)"""
     lopt_path: str = PRETRAINED_OPTIMIZER
     """learned-optimizer checkpoint (optimizer.msgpack from train_lopt.py); default: the one shipped in checkpoints/"""
     lopt_lr: float = 3e-4
     """learning rate multiplying the learned optimizer's output (the paper: 3e-4)"""
-    lopt_grad_clip: float = 1.0
-    """element-wise gradient clip before the learned optimizer (the paper: 1; 0: no clip)"""
-    learning_rate: float = 3e-4
-    """learning rate of adam, rmsprop and sgd"""
+    grad_clip: float = 1.0
+    """element-wise gradient clip before every optimizer but adam_brax (the paper clips the learned optimizer's input
+    at 1; the same clip for Adam keeps the comparison symmetric); 0: no clip"""
+    learning_rates: tuple[float, ...] = (3e-4,)
+    """learning rates of adam, adam_brax, rmsprop and sgd: each is run at every one (a sweep: 1e-3 3e-4 1e-4)"""
     max_grad_norm: float | None = None
-    """clip adam/rmsprop/sgd gradients to this global norm (Brax's default: no clipping)"""
+    """adam_brax only: clip gradients to this global norm (Brax's trainer: no clipping by default)"""
     total_timesteps: int = 300_000
     """training env steps per seed"""
     num_seeds: int = 3
-    """independent runs per optimizer, vmapped in one program"""
+    """independent runs per optimizer and learning rate, vmapped in one program (claims: 8 or more)"""
     num_envs: int = 512
     batch_size: int = 256
     """segments of unroll_length steps per minibatch"""
@@ -157,10 +168,13 @@ def check_settings(args: Args) -> None:
         raise UserError(f"--optimizers lists a name twice: {' '.join(args.optimizers)}")
     check_args(args, positive=("total_timesteps", "num_seeds", "num_envs", "batch_size", "num_minibatches",
                                "unroll_length", "num_updates_per_batch", "episode_length", "action_repeat",
-                               "num_evals", "num_eval_envs", "learning_rate", "lopt_lr", "max_grad_norm",
+                               "num_evals", "num_eval_envs", "lopt_lr", "max_grad_norm",
                                "reward_scaling", "clipping_epsilon"),
-               non_negative=("lopt_grad_clip", "entropy_cost", "value_coef"),
+               non_negative=("grad_clip", "entropy_cost", "value_coef"),
                unit_interval=("discounting", "gae_lambda"))
+    if not args.learning_rates or not all(math.isfinite(lr) and lr > 0 for lr in args.learning_rates):
+        raise UserError(f"--learning-rates {' '.join(map(str, args.learning_rates))}: give one or more finite "
+                        "numbers > 0")
     segments = args.batch_size * args.num_minibatches
     if segments % args.num_envs:
         raise UserError(f"--num-envs {args.num_envs}: must divide --batch-size x --num-minibatches ({segments}): "
@@ -356,26 +370,34 @@ def make_train(args: Args, env: envs.Env, optimizer: optax.GradientTransformatio
 # ================================================================================================
 
 
-def make_optimizer(name: OptimizerName, args: Args) -> optax.GradientTransformation:
-    """adam/rmsprop/sgd at --learning-rate (optional global-norm clip, as Brax's max_grad_norm); lopt as in the paper."""
-    if name == "lopt":
-        from train_lopt import load_optimizer  # noqa: PLC0415 (imported only when a learned optimizer is used)
+def make_optimizers(args: Args) -> dict[str, tuple[float, optax.GradientTransformation]]:
+    """{run name: (learning rate, optimizer)}: each hand-designed optimizer at every --learning-rates value (named
+    adam@3e-04 etc. when there are several), the learned optimizer at --lopt-lr as in the paper."""
+    runs = {}
+    for name in args.optimizers:
+        if name == "lopt":
+            from train_lopt import load_optimizer  # noqa: PLC0415 (imported only when a learned optimizer is used)
 
-        try:
-            return load_optimizer(args.lopt_path, learning_rate=args.lopt_lr, grad_clip=args.lopt_grad_clip)
-        except UserError as error:  # the message names the file; say which flag gave it
-            raise UserError(f"--lopt-path: {error}") from None
-    tx = {"adam": optax.adam, "rmsprop": optax.rmsprop, "sgd": optax.sgd}[name](args.learning_rate)
-    return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), tx) if args.max_grad_norm else tx
+            try:
+                runs[name] = (args.lopt_lr, load_optimizer(args.lopt_path, args.lopt_lr, args.grad_clip or None))
+            except UserError as error:  # the message names the file; say which flag gave it
+                raise UserError(f"--lopt-path: {error}") from None
+            continue
+        for lr in args.learning_rates:
+            label = name if len(args.learning_rates) == 1 else f"{name}@{lr:.0e}"
+            if name == "adam_brax":
+                tx = optax.adam(lr)
+                clip = optax.clip_by_global_norm(args.max_grad_norm) if args.max_grad_norm else None
+            else:
+                tx = {"adam": optax.adam, "rmsprop": optax.rmsprop, "sgd": optax.sgd}[name](lr)
+                clip = optax.clip(args.grad_clip) if args.grad_clip else None
+            runs[label] = (lr, optax.chain(clip, tx) if clip else tx)
+    return runs
 
 
 # ================================================================================================
 # Outputs
 # ================================================================================================
-
-
-def format_duration(seconds: float) -> str:
-    return f"{seconds / 60:.1f}m" if seconds >= 60 else f"{seconds:.0f}s"
 
 
 def steps_per_second(steps: float, seconds: float) -> float | None:
@@ -452,10 +474,14 @@ def plot_returns(path: str, curves: dict[str, np.ndarray], env_steps: np.ndarray
 
 
 def format_summary_table(summary: dict) -> str:
-    lines = [f"{'optimizer':<10}{'final return':>22}{'wall time':>11}{'env steps/s':>13}{'without eval':>14}"]
+    """Final return per run: IQM over seeds with its 95% bootstrap interval, mean +- std, and the run's speed."""
+    lines = [f"{'optimizer':<16}{'IQM [95% CI]':>26}{'mean +- std':>20}{'wall time':>11}{'env steps/s':>13}"
+             f"{'without eval':>14}"]
     for name, s in summary.items():
         final = f"{s['final_return_mean']:.1f} +- {s['final_return_std']:.1f}"
-        lines.append(f"{name:<10}{final:>22}{format_duration(s['wall_time_s']):>11}"
+        low, high = s["final_return_iqm_ci"][1:]
+        interval = f"{s['final_return_iqm_ci'][0]:.1f} [{low:.1f}, {high:.1f}]"
+        lines.append(f"{name:<16}{interval:>26}{final:>20}{format_duration(s['wall_time_s']):>11}"
                      f"{format_rate(s['env_steps_per_s']):>13}{format_rate(s['train_env_steps_per_s']):>14}")
     return "\n".join(lines)
 
@@ -485,6 +511,7 @@ def run_optimizer(name: str, args: Args, env: envs.Env, optimizer, keys) -> tupl
         "final_return_mean": float(final.mean()),
         "final_return_std": float(final.std()),
         "final_returns": [float(r) for r in final],
+        "final_return_iqm_ci": list(iqm_interval([final])),
         "wall_time_s": end - start,
         "compile_s": compile_s,
         "env_steps_per_s": steps_per_second(timed_steps, end - (progress.first_eval_time or end)),
@@ -496,7 +523,7 @@ def run_optimizer(name: str, args: Args, env: envs.Env, optimizer, keys) -> tupl
 
 def main(args: Args) -> None:
     check_settings(args)
-    optimizers = {name: make_optimizer(name, args) for name in args.optimizers}  # checkpoints load before compiling
+    runs = make_optimizers(args)  # checkpoints load before compiling
     check_writable_dir(args.out_dir)
     folder = os.path.join(args.out_dir, args.run_name or f"brax_{args.env}_{args.backend}_s{args.seed}")
     check_writable_dir(folder, "--run-name")
@@ -510,8 +537,9 @@ def main(args: Args) -> None:
     if len(env_steps) - 1 < args.num_evals:
         print(f"note: {len(env_steps) - 1} PPO updates in --total-timesteps {args.total_timesteps}, fewer than "
               f"--num-evals {args.num_evals}: evaluating after each update")
-    for name, optimizer in optimizers.items():
+    for name, (lr, optimizer) in runs.items():
         curves[name], summary[name] = run_optimizer(name, args, env, optimizer, keys)
+        summary[name]["learning_rate"] = lr
         # Written after every optimizer, so an interrupted comparison keeps what finished.
         write_returns_csv(os.path.join(folder, "returns.csv"), curves, env_steps)
         plot_returns(os.path.join(folder, "returns.png"), curves, env_steps, f"PPO on {args.env} ({args.backend})")

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import scipy.stats
 import tyro
 from flax import serialization, struct
 from gymnax.wrappers.purerl import LogWrapper
@@ -46,6 +45,9 @@ from common import (
     atomic_write,
     check_args,
     check_writable_dir,
+    format_duration,
+    iqm,
+    iqm_interval,
     load_arrays,
     load_msgpack,
     make_env,
@@ -887,7 +889,6 @@ MAX_GRID_EXTENSIONS = 2  # per side
 BASELINES = ("adam", "rmsprop", "sign_sgd")  # sign-SGD: what Optim4RL is at meta-step 0, given its own tuned lr
 EVAL_NAMES = ("lopt", "lopt_tuned", "lopt_init", "sign_sgd", "adam", "rmsprop", "random")
 FINAL_FRACTION = 0.1  # "final return": mean return of the episodes that end in the last 10% of training
-BOOTSTRAP_SAMPLES = 10_000
 EVAL_STREAM, VAL_STREAM = 1, 2  # the final evaluation and validation (and lr selection) draw from separate streams
 STREAM_FLAGS = {EVAL_STREAM: "--eval-seeds", VAL_STREAM: "--val-seeds"}
 # The learner's code, hashed once at import: part of the baseline cache's key (see BaselineCache).
@@ -1076,31 +1077,13 @@ def evaluate(args: Args, task_names, config: dict, lopt_params, init_params, log
     return results
 
 
-# --- Statistics: normalised scores, interquartile mean, stratified bootstrap (as rliable computes them) ---
+# --- Statistics: normalised scores; IQM and its stratified-bootstrap interval are in common.py ---
 
 
 def normalized_scores(returns: dict, name: str) -> np.ndarray:
     """Per seed: (R - mean R_random) / (mean R_adam - mean R_random), Adam being the tuned one."""
     rand, adam = np.mean(returns["random"]), np.mean(returns["adam"])
     return (np.asarray(returns[name], float) - rand) / (adam - rand + 1e-8)
-
-
-def iqm(scores: np.ndarray, axis=None) -> np.ndarray:
-    """Interquartile mean: the mean of the middle 50% of runs (scipy's trim_mean, as rliable uses)."""
-    return scipy.stats.trim_mean(scores, 0.25, axis=axis)
-
-
-def iqm_interval(per_task: list[np.ndarray], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0):
-    """(IQM, 2.5th, 97.5th percentile) of the IQM over all runs of all tasks; the interval comes from a stratified
-    bootstrap, each task's runs resampled with replacement (percentile method). Non-finite runs are dropped."""
-    per_task = [np.asarray(x, float)[np.isfinite(x)] for x in per_task]
-    per_task = [x for x in per_task if x.size]
-    if not per_task:
-        return (math.nan, math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    resampled = np.concatenate([x[rng.integers(0, x.size, (samples, x.size))] for x in per_task], axis=1)
-    low, high = np.percentile(iqm(resampled, axis=1), [2.5, 97.5])
-    return (float(iqm(np.concatenate(per_task))), float(low), float(high))
 
 
 def adam_beats_random(returns: dict) -> bool:
@@ -1243,10 +1226,6 @@ def plot_metrics(csv_path: str, png_path: str) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=90)
     plt.close(fig)
-
-
-def format_duration(seconds: float) -> str:
-    return f"{seconds / 60:.1f}m" if seconds >= 60 else f"{seconds:.0f}s"
 
 
 # ================================================================================================

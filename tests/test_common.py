@@ -4,6 +4,7 @@ auto-reset) and the msgpack checkpoint I/O."""
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import jax
@@ -19,6 +20,8 @@ from common import (
     GridState,
     Gridworld,
     UserError,
+    iqm,
+    iqm_interval,
     load_arrays,
     load_msgpack,
     make_env,
@@ -434,3 +437,24 @@ def test_load_corrupt_raises_user_error(tmp_path, kind):
     with pytest.raises(UserError) as info:
         load_msgpack(str(path))
     assert str(path) in str(info.value)
+
+
+# Statistics
+
+
+def test_iqm_is_the_mean_of_the_middle_half():
+    assert iqm(np.arange(1.0, 9.0)) == pytest.approx(4.5)  # drops 1, 2 and 7, 8
+    assert iqm(np.array([0.0, 1.0, 1.0, 100.0])) == pytest.approx(1.0)  # an outlier does not move it
+
+
+def test_stratified_bootstrap_keeps_each_tasks_runs():
+    """Task A scores 0 on every seed, task B 1: a bootstrap that resamples within each task always draws half zeros
+    and half ones, so the interval collapses to 0.5; pooled resampling would not. Noisy scores give an interval
+    around the IQM that narrows with more seeds."""
+    assert iqm_interval([np.zeros(8), np.ones(8)]) == (0.5, 0.5, 0.5)
+    rng = np.random.default_rng(0)
+    few, many = (iqm_interval([rng.normal(1.0, 1.0, n)]) for n in (16, 256))
+    assert few[1] < few[0] < few[2] and many[1] < many[0] < many[2]
+    assert many[2] - many[1] < 0.5 * (few[2] - few[1])
+    assert iqm_interval([np.array([np.nan, 1.0, 1.0])]) == (1.0, 1.0, 1.0)  # non-finite runs are dropped
+    assert all(math.isnan(x) for x in iqm_interval([np.array([np.nan])]))

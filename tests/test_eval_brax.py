@@ -19,6 +19,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -78,6 +79,10 @@ def test_returns_csv(tiny_run):
 
 def test_summary_and_plot(tiny_run):
     summary = json.loads((tiny_run / "summary.json").read_text())
+    for s in summary["optimizers"].values():  # IQM with its interval, over the seeds' final returns
+        iqm, low, high = s["final_return_iqm_ci"]
+        assert low <= iqm <= high and min(s["final_returns"]) <= iqm <= max(s["final_returns"])
+        assert s["learning_rate"] > 0
     assert set(summary["optimizers"]) == {"adam", "lopt"}
     for s in summary["optimizers"].values():
         assert len(s["final_returns"]) == 2
@@ -132,7 +137,8 @@ def test_summary_table_without_measured_time():
     """summary.json stores no rate (null) where no time was measured; the table prints '?' for it."""
     assert eb.steps_per_second(100, 0.0) is None and eb.steps_per_second(100, 4.0) == 25
     table = eb.format_summary_table({"adam": dict(final_return_mean=1.0, final_return_std=0.5, wall_time_s=0.0,
-                                                  env_steps_per_s=None, train_env_steps_per_s=None)})
+                                                  final_return_iqm_ci=[1.0, 0.5, 1.5], env_steps_per_s=None,
+                                                  train_env_steps_per_s=None)})
     assert table.splitlines()[1].split()[-2:] == ["?", "?"]
 
 
@@ -150,10 +156,11 @@ BAD_SETTINGS = [
     (["--action-repeat", "0"], "--action-repeat 0: must be"),
     (["--total-timesteps", "-5"], "--total-timesteps -5: must be a finite number > 0"),
     (["--total-timesteps", "1"], "--total-timesteps 1: must be at least 40, one PPO update"),
-    (["--learning-rate", "nan"], "--learning-rate nan: must be a finite number > 0"),
-    (["--learning-rate", "-1e-3"], "--learning-rate -0.001: must be"),
+    (["--learning-rates", "nan"], "--learning-rates nan: give one or more finite numbers > 0"),
+    (["--learning-rates", "1e-3", "-1e-3"], "--learning-rates 0.001 -0.001: give one or more"),
+    (["--learning-rates"], "--learning-rates : give one or more"),
     (["--lopt-lr", "inf"], "--lopt-lr inf: must be"),
-    (["--lopt-grad-clip", "-1"], "--lopt-grad-clip -1.0: must be a finite number >= 0"),
+    (["--grad-clip", "-1"], "--grad-clip -1.0: must be a finite number >= 0"),
     (["--max-grad-norm", "0"], "--max-grad-norm 0.0: must be a finite number > 0"),
     (["--max-grad-norm", "nan"], "--max-grad-norm nan: must be"),
     (["--reward-scaling", "0"], "--reward-scaling 0.0: must be"),
@@ -178,7 +185,7 @@ def test_bad_settings_are_rejected(flags, message):
 
 def test_edge_settings_that_are_allowed():
     """Bounds that make sense: no discounting of the future, GAE as one-step TD, no clip before the lopt."""
-    eb.check_settings(eb.parse_args([*TINY_PPO, "--discounting", "1", "--gae-lambda", "0", "--lopt-grad-clip", "0",
+    eb.check_settings(eb.parse_args([*TINY_PPO, "--discounting", "1", "--gae-lambda", "0", "--grad-clip", "0",
                                      "--entropy-cost", "0", "--total-timesteps", "40", "--max-grad-norm", "None"]))
 
 
@@ -187,7 +194,31 @@ def test_unusable_lopt_path_names_the_flag(path, problem):
     """A folder or a foreign file as --lopt-path: a UserError naming the flag, while the checkpoint loads
     (before the environment is built or anything compiles)."""
     with pytest.raises(UserError, match=f"^--lopt-path: .*{problem}"):
-        eb.make_optimizer("lopt", eb.parse_args([*TINY_PPO, "--lopt-path", os.path.join(REPO, path)]))
+        eb.make_optimizers(eb.parse_args([*TINY_PPO, "--lopt-path", os.path.join(REPO, path)]))
+
+
+def test_learning_rate_sweep_and_symmetric_clips():
+    """Every hand-designed optimizer runs at each --learning-rates value; adam, rmsprop, sgd and lopt get the same
+    element-wise clip (a gradient of 100 steps like one of 1), adam_brax gets Brax's own setting (none)."""
+    args = eb.parse_args([*TINY_PPO, "--optimizers", "adam", "adam_brax", "lopt", "--learning-rates", "1e-3", "1e-4"])
+    runs = eb.make_optimizers(args)
+    assert list(runs) == ["adam@1e-03", "adam@1e-04", "adam_brax@1e-03", "adam_brax@1e-04", "lopt"]
+    assert [lr for lr, _ in runs.values()] == [1e-3, 1e-4, 1e-3, 1e-4, args.lopt_lr]
+    params = {"w": jnp.zeros(2)}
+
+    def two_steps(tx, first):  # the second step remembers the first gradient through Adam's moments
+        state = tx.init(params)
+        _, state = tx.update({"w": jnp.asarray(first)}, state, params)
+        return tx.update({"w": jnp.ones(2)}, state, params)[0]["w"]
+
+    for name in ("adam@1e-03", "lopt"):  # clipped at 1: a first gradient of 100 acts like one of 1
+        tx = runs[name][1]
+        np.testing.assert_allclose(two_steps(tx, [100.0, 1.0]), two_steps(tx, [1.0, 1.0]), rtol=1e-6)
+    brax_adam = runs["adam_brax@1e-03"][1]  # Brax's setting: no element-wise clip, so the 100 is remembered
+    assert not np.allclose(two_steps(brax_adam, [100.0, 1.0]), two_steps(brax_adam, [1.0, 1.0]), rtol=1e-3)
+    sgd = eb.make_optimizers(eb.parse_args([*TINY_PPO, "--optimizers", "sgd", "--learning-rates", "0.1"]))["sgd"][1]
+    np.testing.assert_allclose(sgd.update({"w": jnp.array([100.0, -0.5])}, sgd.init(params))[0]["w"], [-0.1, 0.05],
+                               rtol=1e-6)  # clip, then the lr; one learning rate: the run is named by the optimizer
 
 
 def test_presets_and_overrides():
