@@ -1114,18 +1114,19 @@ def format_lr(lr) -> str:
 def format_eval_table(results: dict, lopt_step: int, args: Args) -> str:
     summary = summarize(results)
     tasks = list(results)
-    columns = [*tasks, f"informative ({len(summary['informative_tasks'])})"]
-    width = max(26, *(len(c) + 2 for c in columns))
     interval = lambda s: "n/a" if s[0] != s[0] else f"{s[0]:.2f} [{s[1]:.2f}, {s[2]:.2f}]"  # noqa: E731
-    lines = [f"normalised return (0 = random policy, 1 = tuned Adam): IQM over {args.eval_seeds} evaluation seeds "
-             f"[95% stratified-bootstrap CI] @ lr, each lr picked on {args.val_seeds} validation seeds; "
-             f"lopt: meta-step {lopt_step} at its meta-trained lr, lopt_tuned: at its best lr, lopt_init: meta-step 0",
-             f"{'optimizer':<12}" + "".join(f"{c:>{width}}" for c in columns)]
+    rows = [["optimizer", *tasks, f"informative tasks ({len(summary['informative_tasks'])})"]]
     for name in EVAL_NAMES:
-        cells = [f"{interval(summary['per_task'][t][name])} @ {format_lr(results[t]['lr'][name]) or '-':>5}"
+        cells = [f"{interval(summary['per_task'][t][name])} @ {format_lr(results[t]['lr'][name]) or '-'}"
                  for t in tasks]
-        cells.append(interval(summary["aggregate"][name]) if summary["aggregate"] else "no informative task")
-        lines.append(f"{name:<12}" + "".join(f"{c:>{width}}" for c in cells))
+        rows.append([name, *cells, interval(summary["aggregate"][name]) if summary["aggregate"] else "none"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"normalised final return (0 = random policy, 1 = tuned Adam): IQM over {args.eval_seeds} evaluation "
+             f"seeds [95% stratified-bootstrap CI] @ lr, each lr picked on {args.val_seeds} validation seeds",
+             f"lopt: meta-step {lopt_step} at its meta-trained lr; lopt_tuned: at its best lr; lopt_init: meta-step 0; "
+             "sign_sgd: lopt_init's update rule at its best lr"]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+              for row in rows]
     for t in tasks:
         r = results[t]["returns"]
         note = "" if t in summary["informative_tasks"] else " (tuned Adam ~ random: not informative, left out)"

@@ -1,0 +1,121 @@
+"""Regenerate every results table in README.md and docs/ from the committed result files in this folder.
+
+    python results/table.py           # print the tables
+    python results/table.py --write   # rewrite them in place, between <!-- table:NAME --> ... <!-- /table:NAME -->
+
+Each gridworld file is the eval.json of one `train_lopt.py --eval-only` run (its command is in FILES); the
+statistics are recomputed here from the per-seed final returns, never copied from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+import train_lopt as tl  # noqa: E402
+
+PREVIOUS = "--lopt-path checkpoints/previous/optim4rl_gridworld.msgpack"
+# result file -> the command that wrote it (as runs/<run-name>/eval.json, then copied here)
+FILES = {
+    "gridworld_shipped_1e5.json": "python train_lopt.py --env-group gridworld --eval-only",
+    "gridworld_shipped_1e6.json": "python train_lopt.py --env-group gridworld --eval-only --eval-steps 1000000",
+    "gridworld_previous_1e5.json": f"python train_lopt.py --env-group gridworld --eval-only {PREVIOUS}",
+    "gridworld_previous_1e6.json": f"python train_lopt.py --env-group gridworld --eval-only --eval-steps 1000000 "
+                                   f"{PREVIOUS}",
+}
+ROWS = {  # eval.json name -> row label
+    "lopt": "learned optimizer, its meta-trained lr",
+    "lopt_tuned": "learned optimizer, lr tuned",
+    "sign_sgd": "sign-SGD (its meta-step-0 self), lr tuned",
+    "rmsprop": "RMSProp, lr tuned",
+    "adam": "Adam, lr tuned",
+}
+TABLES = {  # table name -> result files, in row order
+    "gridworld": ["gridworld_shipped_1e5.json", "gridworld_shipped_1e6.json"],
+    "gridworld-previous": ["gridworld_previous_1e5.json", "gridworld_previous_1e6.json"],
+}
+
+
+def load(name: str) -> dict:
+    """A result file with its statistics recomputed from the per-seed returns."""
+    with open(os.path.join(HERE, name)) as f:
+        report = json.load(f)
+    results = {t: {"returns": {n: [float("nan") if x is None else x for x in v] for n, v in r["returns"].items()}}
+               for t, r in report["tasks"].items()}
+    report["summary"] = tl.summarize(results)
+    return report
+
+
+def cell(stat) -> str:
+    return "n/a" if stat[0] != stat[0] else f"{stat[0]:.2f} [{stat[1]:.2f}, {stat[2]:.2f}]"
+
+
+def gridworld_table(files: list[str]) -> str:
+    reports = [load(f) for f in files if os.path.exists(os.path.join(HERE, f))]
+    if not reports:
+        return "_(no result files yet)_"
+    tasks = list(reports[0]["tasks"])
+    lines = ["| env steps per agent | optimizer | learning rate | " + " | ".join(tasks) + " | both tasks (IQM) |",
+             "|---|---|---|" + "---:|" * (len(tasks) + 1)]
+    for report in reports:
+        summary = report["summary"]
+        for name, label in ROWS.items():
+            lrs = " / ".join(tl.format_lr(report["tasks"][t]["lr"][name]) for t in tasks)
+            cells = [cell(summary["per_task"][t][name]) for t in tasks]
+            aggregate = cell(summary["aggregate"][name]) if summary["aggregate"] else "n/a"
+            bold = "**" if name.startswith("lopt") else ""
+            lines.append(f"| {report['eval_steps']:.0e} | {label} | {lrs} | "
+                         + " | ".join(f"{bold}{c}{bold}" for c in cells) + f" | {bold}{aggregate}{bold} |")
+    seeds = {(r["eval_seeds"], r["val_seeds"]) for r in reports}
+    lines.append("")
+    lines.append("Normalised final return, 0 = random policy, 1 = tuned Adam (mean): interquartile mean over "
+                 + ", ".join(f"{e} evaluation seeds (lr picked on {v} validation seeds)" for e, v in sorted(seeds))
+                 + ", [95% stratified-bootstrap interval]. Files: "
+                 + ", ".join(f"[results/{f}](results/{f})" for f in files) + ".")
+    return "\n".join(lines)
+
+
+def tables() -> dict[str, str]:
+    return {name: gridworld_table(files) for name, files in TABLES.items()}
+
+
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /table:(?P=name) -->)", re.S)
+DOCUMENTS = ["README.md", os.path.join("docs", "results.md")]
+
+
+def blocks(text: str) -> dict[str, str]:
+    return {m["name"]: m["body"] for m in BLOCK.finditer(text)}
+
+
+def rewrite(text: str, generated: dict[str, str], prefix: str) -> str:
+    def fill(match):
+        body = generated[match["name"]].replace("](results/", f"]({prefix}results/")
+        return match.group(1) + body + match.group(4)
+
+    return BLOCK.sub(fill, text)
+
+
+def main(argv: list[str]) -> None:
+    generated = tables()
+    if "--write" not in argv:
+        for name, table in generated.items():
+            print(f"<!-- table:{name} -->\n{table}\n")
+        return
+    for document in DOCUMENTS:
+        path = os.path.join(REPO, document)
+        prefix = "../" * document.count(os.sep)
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(rewrite(text, generated, prefix))
+        print(f"rewrote {', '.join(blocks(text)) or 'no tables'} in {document}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
