@@ -213,6 +213,11 @@ def run_cli(main, *args, **kwargs):
         raise SystemExit(2) from None
 
 
+def format_duration(seconds: float) -> str:
+    """A duration for a log line: seconds under a minute, else minutes to a tenth."""
+    return f"{seconds / 60:.1f}m" if seconds >= 60 else f"{seconds:.0f}s"
+
+
 def flag_name(field: str) -> str:
     """The command-line flag of an Args field, as tyro spells it."""
     return "--" + field.replace("_", "-")

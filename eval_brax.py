@@ -35,7 +35,7 @@ from brax.training.acme import running_statistics, specs
 from brax.training.agents.ppo import losses as brax_ppo_losses
 from brax.training.agents.ppo import networks as brax_ppo_networks
 
-from common import PRETRAINED_OPTIMIZER, UserError, check_args, check_writable_dir, run_cli
+from common import PRETRAINED_OPTIMIZER, UserError, check_args, check_writable_dir, format_duration, run_cli
 
 OptimizerName = Literal["adam", "rmsprop", "sgd", "lopt"]
 
@@ -372,10 +372,6 @@ def make_optimizer(name: OptimizerName, args: Args) -> optax.GradientTransformat
 # ================================================================================================
 # Outputs
 # ================================================================================================
-
-
-def format_duration(seconds: float) -> str:
-    return f"{seconds / 60:.1f}m" if seconds >= 60 else f"{seconds:.0f}s"
 
 
 def steps_per_second(steps: float, seconds: float) -> float | None:

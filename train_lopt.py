@@ -42,6 +42,7 @@ from common import (
     agent_kind,
     check_args,
     check_writable_dir,
+    format_duration,
     load_arrays,
     load_msgpack,
     make_env,
@@ -1078,10 +1079,6 @@ def plot_metrics(csv_path: str, png_path: str) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=90)
     plt.close(fig)
-
-
-def format_duration(seconds: float) -> str:
-    return f"{seconds / 60:.1f}m" if seconds >= 60 else f"{seconds:.0f}s"
 
 
 # ================================================================================================
