@@ -254,20 +254,26 @@ def check_writable_dir(path: str, flag: str = "--out-dir") -> None:
 
 def atomic_write(path: str, write: Any) -> None:
     """Call write(file) on a temporary file in the same folder, fsync, then rename over `path`: a reader (or a
-    resumed run) sees the old file or the new one, never half of one."""
+    resumed run) sees the old file or the new one, never half of one. A failed write (a full disk, say) is a
+    UserError naming `path` and the cause; the old file stays as it was and the temporary one is removed."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass  # the error that brought us here is the one worth reporting
 
 
 def save_msgpack(path: str, tree: Any) -> None:

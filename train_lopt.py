@@ -1121,14 +1121,18 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def write_metrics(path: str, rows: list[dict], append: bool = False) -> None:
-    """metrics.csv: one row per log line; the header comes from the first row ever written."""
+    """metrics.csv: one row per log line; the header comes from the first row ever written. A failed write (a full
+    disk) is a UserError; --resume drops rows newer than the train state, so a torn last row does not stay."""
     new_file = not append or not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a" if append else "w", newline="") as f:
-        if rows:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new_file:
-                writer.writeheader()
-            writer.writerows(rows)
+    try:
+        with open(path, "a" if append else "w", newline="") as f:
+            if rows:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                if new_file:
+                    writer.writeheader()
+                writer.writerows(rows)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def meta_train(args: Args, task_names, folder: str, clock_start: float | None = None) -> MetaTrainResult:

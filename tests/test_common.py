@@ -1,8 +1,9 @@
 """Tests for common.py: the LPG gridworlds (reset, moves, pickups, termination, respawn, time limit,
-auto-reset) and the msgpack checkpoint I/O."""
+auto-reset) and the checkpoint I/O (a full disk included)."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 
@@ -22,6 +23,7 @@ from common import (
     load_arrays,
     load_msgpack,
     make_env,
+    run_cli,
     save_arrays,
     save_msgpack,
 )
@@ -434,3 +436,50 @@ def test_load_corrupt_raises_user_error(tmp_path, kind):
     with pytest.raises(UserError) as info:
         load_msgpack(str(path))
     assert str(path) in str(info.value)
+
+
+class FullDisk:
+    """A file opened by os.fdopen that takes `room` bytes and then fails each write with ENOSPC, as a full disk
+    does."""
+
+    def __init__(self, fd, mode="rb", room=16):
+        self.file, self.room = open(fd, mode), room
+
+    def write(self, data):
+        data = bytes(data)
+        taken = data[: self.room]
+        self.file.write(taken)
+        self.room -= len(taken)
+        if len(taken) < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return len(data)
+
+    def __getattr__(self, name):  # flush, fileno, close
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+@pytest.mark.parametrize("saver", ["msgpack", "arrays"])
+def test_full_disk_is_a_user_error_and_keeps_the_old_file(tmp_path, monkeypatch, capsys, saver):
+    """A write that runs out of space: a UserError naming the file and the cause (through run_cli: one stderr
+    line, exit status 2); the file written before is unchanged and no temporary file is left."""
+    path = str(tmp_path / ("ckpt.msgpack" if saver == "msgpack" else "state.npy"))
+    save = {"msgpack": lambda: save_msgpack(path, {"w": np.arange(100.0)}),
+            "arrays": lambda: save_arrays(path, {"meta_step": 1}, [np.arange(100.0)])}[saver]
+    save()
+    before = open(path, "rb").read()
+    monkeypatch.setattr(os, "fdopen", FullDisk)
+    with pytest.raises(UserError) as info:
+        save()
+    assert str(info.value) == f"cannot write {path}: No space left on device"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(save)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: cannot write {path}: No space left on device\n"
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == [os.path.basename(path)]

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import errno
 import re
 import shutil
 import subprocess
@@ -612,6 +613,31 @@ def test_resume_after_interrupt_before_first_log(tmp_path, monkeypatch):
     rows = read_rows(os.path.join(folder, "metrics.csv"))
     assert [int(r["meta_step"]) for r in rows] == [2, 3]
     assert all("return/catch" in r and None not in r for r in rows)
+
+
+def test_full_disk_while_saving_is_a_user_error_and_keeps_the_last_checkpoint(trained, meta, tmp_path, monkeypatch):
+    """The background write of the train state meets a full disk: Checkpointer.wait raises a UserError naming the
+    file and the cause; the checkpoint saved before is unchanged and no temporary file is left."""
+    folder = str(tmp_path / "run")
+    shutil.copytree(trained.folder, folder)
+    names = (tl.TRAIN_STATE, "optimizer.msgpack")
+    before = {name: open(os.path.join(folder, name), "rb").read() for name in names}
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    checkpointer = tl.Checkpointer(folder, trained.args)
+    try:
+        checkpointer.save(meta.state, meta.init_params, 0)  # meta-step 3, over the saved 2
+        with pytest.raises(UserError) as info:
+            checkpointer.wait()
+    finally:
+        checkpointer.writer.shutdown()
+    assert str(info.value) == f"cannot write {os.path.join(folder, tl.TRAIN_STATE)}: No space left on device"
+    monkeypatch.undo()
+    assert {name: open(os.path.join(folder, name), "rb").read() for name in names} == before
+    assert not [name for name in os.listdir(folder) if name.startswith(".tmp-")]
 
 
 # ------------------------------------------------------------------------------------------------
