@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,16 +203,72 @@ def agent_kind(name: str) -> str:
 
 
 class UserError(Exception):
-    """A problem with the user's input, reported as one line without a traceback."""
+    """A problem with the user's input, or one the user can fix (a full disk), reported as one line without a
+    traceback."""
+
+    exit_code = 2
+
+
+class Interrupted(UserError):
+    """A run stopped by SIGINT or SIGTERM after saving its work; it exits as the shell reports a signal: 128 + its
+    number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def run_cli(main, *args, **kwargs):
-    """Run `main`, turning a UserError into a one-line message and exit status 2."""
+    """Run `main`, turning a UserError into a one-line message and its exit status (2 unless it says otherwise);
+    a KeyboardInterrupt (a second Ctrl-C, or one outside meta-training's loop) is a one-line message too."""
     try:
         return main(*args, **kwargs)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(error.exit_code) from None
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
+class StopSignals:
+    """`with StopSignals() as stop:` turns the first SIGINT or SIGTERM into `stop.signum`, for a loop to check where
+    it can save and stop; the handlers that were there before come back at once, so a second signal acts as it
+    would have (Ctrl-C: KeyboardInterrupt; SIGTERM: termination), and for good on leaving the block.
+
+    Python runs signal handlers in the main thread only: elsewhere, or with enabled=False, nothing is installed
+    and `signum` stays None.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if self.enabled:
+            self.previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS}
+            for signum in self.SIGNALS:
+                signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
 
 
 def format_duration(seconds: float) -> str:

@@ -1,11 +1,12 @@
 """Tests for common.py: the LPG gridworlds (reset, moves, pickups, termination, respawn, time limit,
-auto-reset) and the checkpoint I/O (a full disk included)."""
+auto-reset), the checkpoint I/O (a full disk included) and the stop on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
 import errno
 import functools
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,8 @@ from common import (
     GridSpec,
     GridState,
     Gridworld,
+    Interrupted,
+    StopSignals,
     UserError,
     load_arrays,
     load_msgpack,
@@ -483,3 +486,30 @@ def test_full_disk_is_a_user_error_and_keeps_the_old_file(tmp_path, monkeypatch,
     assert capsys.readouterr().err == f"error: cannot write {path}: No space left on device\n"
     monkeypatch.undo()
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == [os.path.basename(path)]
+
+
+def test_stop_signals_take_the_first_signal_and_restore_the_handlers():
+    """The first SIGTERM only sets `signum`; the handler that was there before is back at once (it takes the second)
+    and stays after the block; an Interrupted exits through run_cli with 128 + the signal's number."""
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with StopSignals() as stop:
+            assert stop.signum is None and signal.getsignal(signal.SIGINT) == stop._handle
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.signum == signal.SIGTERM and stop.name == "SIGTERM" and seen == []
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert seen == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and seen == [signal.SIGTERM]
+        with StopSignals(enabled=False) as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    def interrupted():
+        raise Interrupted("interrupted by SIGTERM", signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as info:
+        run_cli(interrupted)
+    assert info.value.code == 143
