@@ -1256,8 +1256,8 @@ def meta_train(args: Args, task_names, folder: str, clock_start: float | None = 
             checkpointer.save(state, init_params, bad_steps_total)
         if stop.signum is not None:
             checkpointer.wait()
-            raise Interrupted(f"interrupted by {stop.name} after meta-step {done} of {args.meta_steps}: saved {folder}; "
-                              "continue with the same command and --resume", stop.signum)
+            raise Interrupted(f"interrupted by {stop.name} after meta-step {done} of {args.meta_steps}: saved "
+                              f"{folder}; continue with the same command and --resume", stop.signum)
         if os.path.getsize(metrics_path) > 0:
             plot_metrics(metrics_path, os.path.join(folder, "meta_training.png"))
         lopt_params = host_copy(state.lopt_params)
