@@ -59,7 +59,7 @@ GRIDWORLDS: dict[str, GridSpec] = {
 }
 # `_SPARSE * 2` repeats the pair: (+1, -1, +1, -1); the order of objects does not matter.
 
-# Reward scaling used for each task (PAPER_NOTES): spreads agent gradients over several scales.
+# The paper's reward scaling for each task during meta-training: spreads agent gradients over several scales.
 REWARD_SCALES = {
     "small_dense_long": 1e3,
     "small_dense_short": 1e2,
@@ -193,7 +193,7 @@ def make_env(name: str) -> tuple[environment.Environment, Any]:
 
 
 def agent_kind(name: str) -> str:
-    """Which agent network a task uses (PAPER_NOTES): 'small' MLP, 'big' conv net, or 'catch' MLP."""
+    """Which of the paper's agent networks a task uses: 'small' MLP, 'big' conv net, or 'catch' MLP."""
     return "catch" if name == "catch" else name.split("_")[0]
 
 

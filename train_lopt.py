@@ -6,7 +6,8 @@
 
 Reading order: gradient processing -> learned optimizers (coordinate-wise flax modules, wrapped as an
 optax GradientTransformation) -> A2C inner learner -> pipeline-trained agent population -> meta-step
--> checkpoints -> evaluation -> main loop. The method is described in the README and PAPER_NOTES.
+-> checkpoints -> evaluation -> main loop. The method is described in the README and in the Optim4RL paper
+(Learning to Optimize for Reinforcement Learning, RLC 2024).
 """
 
 from __future__ import annotations
@@ -412,7 +413,7 @@ class Conv2x2(nn.Module):
 
 
 class ActorCritic(nn.Module):
-    """PAPER_NOTES agents. small: MLP(32); big: Conv(16, 2x2) on (H, W, C) planes then MLP(32); catch: MLP(256)."""
+    """The paper's agents. small: MLP(32); big: Conv(16, 2x2) on (H, W, C) planes then MLP(32); catch: MLP(256)."""
 
     kind: str
     num_actions: int
