@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +60,7 @@ GRIDWORLDS: dict[str, GridSpec] = {
 }
 # `_SPARSE * 2` repeats the pair: (+1, -1, +1, -1); the order of objects does not matter.
 
-# Reward scaling used for each task (PAPER_NOTES): spreads agent gradients over several scales.
+# The paper's reward scaling for each task during meta-training: spreads agent gradients over several scales.
 REWARD_SCALES = {
     "small_dense_long": 1e3,
     "small_dense_short": 1e2,
@@ -192,7 +194,7 @@ def make_env(name: str) -> tuple[environment.Environment, Any]:
 
 
 def agent_kind(name: str) -> str:
-    """Which agent network a task uses (PAPER_NOTES): 'small' MLP, 'big' conv net, or 'catch' MLP."""
+    """Which of the paper's agent networks a task uses: 'small' MLP, 'big' conv net, or 'catch' MLP."""
     return "catch" if name == "catch" else name.split("_")[0]
 
 
@@ -202,19 +204,76 @@ def agent_kind(name: str) -> str:
 
 
 class UserError(Exception):
-    """A problem with the user's input, reported as one line without a traceback."""
+    """A problem with the user's input, or one the user can fix (a full disk), reported as one line without a
+    traceback."""
+
+    exit_code = 2
+
+
+class Interrupted(UserError):
+    """A run stopped by SIGINT or SIGTERM after saving its work; it exits as the shell reports a signal: 128 + its
+    number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def run_cli(main, *args, **kwargs):
-    """Run `main`, turning a UserError into a one-line message and exit status 2."""
+    """Run `main`, turning a UserError into a one-line message and its exit status (2 unless it says otherwise);
+    a KeyboardInterrupt (a second Ctrl-C, or one outside meta-training's loop) is a one-line message too."""
     try:
         return main(*args, **kwargs)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(error.exit_code) from None
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
+class StopSignals:
+    """`with StopSignals() as stop:` turns the first SIGINT or SIGTERM into `stop.signum`, for a loop to check where
+    it can save and stop; the handlers that were there before come back at once, so a second signal acts as it
+    would have (Ctrl-C: KeyboardInterrupt; SIGTERM: termination), and for good on leaving the block.
+
+    Python runs signal handlers in the main thread only: elsewhere, or with enabled=False, nothing is installed
+    and `signum` stays None.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if self.enabled:
+            self.previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS}
+            for signum in self.SIGNALS:
+                signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
 
 
 def format_duration(seconds: float) -> str:
+    """A duration for a log line: seconds under a minute, else minutes to a tenth."""
     return f"{seconds / 60:.1f}m" if seconds >= 60 else f"{seconds:.0f}s"
 
 
@@ -254,20 +313,26 @@ def check_writable_dir(path: str, flag: str = "--out-dir") -> None:
 
 def atomic_write(path: str, write: Any) -> None:
     """Call write(file) on a temporary file in the same folder, fsync, then rename over `path`: a reader (or a
-    resumed run) sees the old file or the new one, never half of one."""
+    resumed run) sees the old file or the new one, never half of one. A failed write (a full disk, say) is a
+    UserError naming `path` and the cause; the old file stays as it was and the temporary one is removed."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass  # the error that brought us here is the one worth reporting
 
 
 def save_msgpack(path: str, tree: Any) -> None:

@@ -103,7 +103,7 @@ class Args:
     """default: brax_<env>_<backend>_s<seed>"""
 
 
-# Brax's PPO settings (its training notebook), see ANCHORS.md. "cpu" scales them to a few CPU cores:
+# Brax's PPO settings, from its training notebook. "cpu" scales them to a few CPU cores:
 # 512 envs, minibatches of 256 segments, 8 minibatches; budgets are sized so that adam + lopt with 3 seeds
 # finish within about 15 minutes on 2 idle cores (inverted_double_pendulum at 500k steps took 14.8 minutes).
 # Hopper and walker2d have no published PPO settings; ant's are used.

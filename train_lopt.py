@@ -6,7 +6,8 @@
 
 Reading order: gradient processing -> learned optimizers (coordinate-wise flax modules, wrapped as an
 optax GradientTransformation) -> A2C inner learner -> pipeline-trained agent population -> meta-step
--> checkpoints -> evaluation -> main loop. The method is described in the README and PAPER_NOTES.
+-> checkpoints -> evaluation -> main loop. The method is described in the README and in the Optim4RL paper
+(Learning to Optimize for Reinforcement Learning, RLC 2024).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from common import (
     ENV_GROUPS,
     PRETRAINED_OPTIMIZER,
     REWARD_SCALES,
+    Interrupted,
+    StopSignals,
     UserError,
     agent_kind,
     atomic_write,
@@ -425,7 +428,7 @@ class Conv2x2(nn.Module):
 
 
 class ActorCritic(nn.Module):
-    """PAPER_NOTES agents. small: MLP(32); big: Conv(16, 2x2) on (H, W, C) planes then MLP(32); catch: MLP(256)."""
+    """The paper's agents. small: MLP(32); big: Conv(16, 2x2) on (H, W, C) planes then MLP(32); catch: MLP(256)."""
 
     kind: str
     num_actions: int
@@ -1269,18 +1272,23 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def write_metrics(path: str, rows: list[dict], append: bool = False) -> None:
-    """metrics.csv: one row per log line; the header comes from the first row ever written."""
+    """metrics.csv: one row per log line; the header comes from the first row ever written. A failed write (a full
+    disk) is a UserError; --resume drops rows newer than the train state, so a torn last row does not stay."""
     new_file = not append or not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a" if append else "w", newline="") as f:
-        if rows:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new_file:
-                writer.writeheader()
-            writer.writerows(rows)
+    try:
+        with open(path, "a" if append else "w", newline="") as f:
+            if rows:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                if new_file:
+                    writer.writeheader()
+                writer.writerows(rows)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def meta_train(args: Args, task_names, folder: str, clock_start: float | None = None) -> MetaTrainResult:
-    """Meta-train, validating and checkpointing as asked; stops early only for --time-limit (or bad meta-steps)."""
+    """Meta-train, validating and checkpointing as asked; stops early only for --time-limit (or bad meta-steps), or
+    on SIGINT/SIGTERM: then after the meta-step in progress, saving, and raising Interrupted."""
     deadline = Deadline(args, time.time() if clock_start is None else clock_start)
     state_path, older = os.path.join(folder, TRAIN_STATE), os.path.join(folder, "train_state.msgpack")
     if args.resume and not os.path.exists(state_path):
@@ -1293,7 +1301,9 @@ def meta_train(args: Args, task_names, folder: str, clock_start: float | None = 
     init_params = host_copy(state.lopt_params)  # meta_step donates the state's buffers
     metrics_path, best_path = os.path.join(folder, "metrics.csv"), os.path.join(folder, "optimizer_best.msgpack")
     os.makedirs(folder, exist_ok=True)
-    with Checkpointer(folder, args) as checkpointer:
+    # With several processes a signal may reach them at different meta-steps, and one stopping alone would leave
+    # the others waiting in a collective: there the signals keep their usual effect.
+    with Checkpointer(folder, args) as checkpointer, StopSignals(enabled=jax.process_count() == 1) as stop:
         bad_steps_total, best = 0, None  # best: (score, meta-step, parameters)
         if args.resume:
             state, bad_steps_total = checkpointer.restore(state)
@@ -1341,8 +1351,11 @@ def meta_train(args: Args, task_names, folder: str, clock_start: float | None = 
         # Summed over the meta-steps since the last log line: one meta-step ends only a few episodes per task.
         # Per task: return sum, count, loss sum.
         window, step_logged = np.zeros((len(task_names), 3)), int(state.meta_step)
-        done = last_saved = int(state.meta_step)
+        done = int(state.meta_step)
+        last_saved = done if args.resume else None  # a new run has no train state to resume from yet
         for step in range(int(state.meta_step), args.meta_steps):
+            if stop.signum is not None:
+                break
             next_val = validator and ((step + 1) % args.val_every == 0 or step + 1 == args.meta_steps)
             needed = (step_s or 0.0) + checkpointer.blocked_s + (val_s if next_val else 0.0)
             if step_s is not None and not deadline.allows(needed):
@@ -1388,8 +1401,12 @@ def meta_train(args: Args, task_names, folder: str, clock_start: float | None = 
             if done % args.save_every == 0 or done == args.meta_steps:
                 checkpointer.save(state, init_params, bad_steps_total)
                 last_saved = done
-        if done != last_saved:  # stopped by --time-limit between two checkpoints
+        if done != last_saved:  # stopped by --time-limit or a signal between two checkpoints
             checkpointer.save(state, init_params, bad_steps_total)
+        if stop.signum is not None:
+            checkpointer.wait()
+            raise Interrupted(f"interrupted by {stop.name} after meta-step {done} of {args.meta_steps}: saved "
+                              f"{folder}; continue with the same command and --resume", stop.signum)
         if os.path.getsize(metrics_path) > 0:
             plot_metrics(metrics_path, os.path.join(folder, "meta_training.png"))
         lopt_params = host_copy(state.lopt_params)

@@ -12,7 +12,7 @@ ours with the learned optimizer. It reports
 - final deterministic evaluation returns of both trainers, mean and std over seeds (correctness);
 - the wall time of PPO with the learned optimizer over PPO with Adam, after compilation and in total.
 
-Brax 0.14.2's trainer needs two fixes under jax 0.10.2 (ANCHORS.md), applied here and nowhere else:
+Brax 0.14.2's trainer does not run under jax 0.10.2 as released; two fixes, applied here and nowhere else:
 `jax.device_put_replicated` no longer exists, and its evaluator recompiles at every evaluation unless the
 parameters it gets are plain host arrays.
 """

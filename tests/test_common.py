@@ -1,11 +1,13 @@
 """Tests for common.py: the LPG gridworlds (reset, moves, pickups, termination, respawn, time limit,
-auto-reset) and the msgpack checkpoint I/O."""
+auto-reset), the checkpoint I/O (a full disk included) and the stop on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +21,15 @@ from common import (
     GridSpec,
     GridState,
     Gridworld,
+    Interrupted,
+    StopSignals,
     UserError,
     iqm,
     iqm_interval,
     load_arrays,
     load_msgpack,
     make_env,
+    run_cli,
     save_arrays,
     save_msgpack,
 )
@@ -458,3 +463,77 @@ def test_stratified_bootstrap_keeps_each_tasks_runs():
     assert many[2] - many[1] < 0.5 * (few[2] - few[1])
     assert iqm_interval([np.array([np.nan, 1.0, 1.0])]) == (1.0, 1.0, 1.0)  # non-finite runs are dropped
     assert all(math.isnan(x) for x in iqm_interval([np.array([np.nan])]))
+
+
+class FullDisk:
+    """A file opened by os.fdopen that takes `room` bytes and then fails each write with ENOSPC, as a full disk
+    does."""
+
+    def __init__(self, fd, mode="rb", room=16):
+        self.file, self.room = open(fd, mode), room
+
+    def write(self, data):
+        data = bytes(data)
+        taken = data[: self.room]
+        self.file.write(taken)
+        self.room -= len(taken)
+        if len(taken) < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return len(data)
+
+    def __getattr__(self, name):  # flush, fileno, close
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+@pytest.mark.parametrize("saver", ["msgpack", "arrays"])
+def test_full_disk_is_a_user_error_and_keeps_the_old_file(tmp_path, monkeypatch, capsys, saver):
+    """A write that runs out of space: a UserError naming the file and the cause (through run_cli: one stderr
+    line, exit status 2); the file written before is unchanged and no temporary file is left."""
+    path = str(tmp_path / ("ckpt.msgpack" if saver == "msgpack" else "state.npy"))
+    save = {"msgpack": lambda: save_msgpack(path, {"w": np.arange(100.0)}),
+            "arrays": lambda: save_arrays(path, {"meta_step": 1}, [np.arange(100.0)])}[saver]
+    save()
+    before = open(path, "rb").read()
+    monkeypatch.setattr(os, "fdopen", FullDisk)
+    with pytest.raises(UserError) as info:
+        save()
+    assert str(info.value) == f"cannot write {path}: No space left on device"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(save)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: cannot write {path}: No space left on device\n"
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == [os.path.basename(path)]
+
+
+def test_stop_signals_take_the_first_signal_and_restore_the_handlers():
+    """The first SIGTERM only sets `signum`; the handler that was there before is back at once (it takes the second)
+    and stays after the block; an Interrupted exits through run_cli with 128 + the signal's number."""
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with StopSignals() as stop:
+            assert stop.signum is None and signal.getsignal(signal.SIGINT) == stop._handle
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.signum == signal.SIGTERM and stop.name == "SIGTERM" and seen == []
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert seen == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and seen == [signal.SIGTERM]
+        with StopSignals(enabled=False) as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    def interrupted():
+        raise Interrupted("interrupted by SIGTERM", signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as info:
+        run_cli(interrupted)
+    assert info.value.code == 143

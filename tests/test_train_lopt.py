@@ -14,10 +14,13 @@ import dataclasses
 import json
 import math
 import os
+import errno
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from functools import partial
 from types import SimpleNamespace
 
@@ -612,6 +615,81 @@ def test_resume_after_interrupt_before_first_log(tmp_path, monkeypatch):
     rows = read_rows(os.path.join(folder, "metrics.csv"))
     assert [int(r["meta_step"]) for r in rows] == [2, 3]
     assert all("return/catch" in r and None not in r for r in rows)
+
+
+def test_full_disk_while_saving_is_a_user_error_and_keeps_the_last_checkpoint(trained, meta, tmp_path, monkeypatch):
+    """The background write of the train state meets a full disk: Checkpointer.wait raises a UserError naming the
+    file and the cause; the checkpoint saved before is unchanged and no temporary file is left."""
+    folder = str(tmp_path / "run")
+    shutil.copytree(trained.folder, folder)
+    names = (tl.TRAIN_STATE, "optimizer.msgpack")
+    before = {name: open(os.path.join(folder, name), "rb").read() for name in names}
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    checkpointer = tl.Checkpointer(folder, trained.args)
+    try:
+        checkpointer.save(meta.state, meta.init_params, 0)  # meta-step 3, over the saved 2
+        with pytest.raises(UserError) as info:
+            checkpointer.wait()
+    finally:
+        checkpointer.writer.shutdown()
+    assert str(info.value) == f"cannot write {os.path.join(folder, tl.TRAIN_STATE)}: No space left on device"
+    monkeypatch.undo()
+    assert {name: open(os.path.join(folder, name), "rb").read() for name in names} == before
+    assert not [name for name in os.listdir(folder) if name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_saves_and_resumes_to_the_same_result(signum, tmp_path):
+    """Ctrl-C or SIGTERM while `python train_lopt.py` meta-trains: it saves at the meta-step it stops after (far
+    from --save-every), says so in one line, exits 128 + the signal without a traceback or the final evaluation;
+    --resume then ends where an uninterrupted run does."""
+    out, folder = tmp_path / "out", str(tmp_path / "out" / "run")
+    flags = [a for k, v in {**TINY, "meta_steps": 100_000, "save_every": 100_000}.items()
+             for a in (flag_name(k), str(v))]
+    cache = jax.config.jax_compilation_cache_dir  # conftest's: the tiny program is compiled there already
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    log = tmp_path / "log.txt"  # a file, not a pipe: one line per meta-step would fill a pipe nobody reads yet
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "train_lopt.py", *flags, "--no-final-eval", "--out-dir", str(out),
+                                 "--run-name", "run"], cwd=REPO, env=env, text=True, stdout=log_file,
+                                stderr=subprocess.STDOUT)
+        try:
+            metrics, deadline = os.path.join(folder, "metrics.csv"), time.time() + 300
+            while not (os.path.exists(metrics) and len(read_rows(metrics)) >= 2):  # the loop is running
+                assert proc.poll() is None, log.read_text()[-2000:]
+                assert time.time() < deadline, "no meta-step logged in time"
+                time.sleep(0.2)
+            proc.send_signal(signum)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert proc.returncode == 128 + signum, text[-2000:]
+    assert "Traceback" not in text and "evaluating" not in text
+    (line,) = [line for line in text.splitlines() if "interrupted" in line]
+    name = signal.Signals(signum).name
+    stopped = re.fullmatch(rf"error: interrupted by {name} after meta-step (\d+) of 100000: saved (.+); "
+                           "continue with the same command and --resume", line)
+    assert stopped and stopped[2] == folder, line
+    n = int(stopped[1])
+    assert n >= 2 and saved_train_state(folder)[0] == n
+    assert read_optimizer_checkpoint(os.path.join(folder, "optimizer.msgpack"))["meta_step"] == n
+    assert int(read_rows(os.path.join(folder, "metrics.csv"))[-1]["meta_step"]) == n
+    assert not [f for f in os.listdir(folder) if f.startswith(".tmp-")]
+
+    meta_train(tiny_args(meta_steps=n + 1, save_every=100_000, resume=True), TASKS, folder)
+    full = str(tmp_path / "full")
+    meta_train(tiny_args(meta_steps=n + 1, save_every=100_000), TASKS, full)
+    resumed, uninterrupted = (read_optimizer_checkpoint(os.path.join(f, "optimizer.msgpack")) for f in (folder, full))
+    assert resumed["meta_step"] == uninterrupted["meta_step"] == n + 1
+    leaves_equal(resumed["params"], uninterrupted["params"], atol=1e-6)
+    leaves_equal(saved_train_state(folder)[1], saved_train_state(full)[1], atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
