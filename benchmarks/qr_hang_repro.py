@@ -62,7 +62,8 @@ def child(args) -> None:
         _, losses = jax.lax.scan(step, (params, state), None, length=args.steps)
         return losses[-1]
 
-    run = jax.jit(jax.vmap(train))
+    # --map-seeds: seeds one after another (lax.map) instead of vmap, so each QR is a single, unbatched call.
+    run = jax.jit((lambda keys: jax.lax.map(train, keys)) if args.map_seeds else jax.vmap(train))
     for i in range(args.repeats):
         jax.block_until_ready(run(jax.random.split(jax.random.PRNGKey(i), args.seeds)))
     print(f"ok: jax {jax.__version__}, jaxlib {jax.lib.__version__}", flush=True)
@@ -76,12 +77,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per call")
     parser.add_argument("--width", type=int, default=64, help="hidden units per layer")
     parser.add_argument("--repeats", type=int, default=20, help="calls of the jitted function per process")
+    parser.add_argument("--map-seeds", action="store_true", help="lax.map over seeds instead of vmap")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
     command = [sys.executable, os.path.abspath(__file__), "--child", "--seeds", str(args.seeds), "--steps",
-               str(args.steps), "--width", str(args.width), "--repeats", str(args.repeats)]
+               str(args.steps), "--width", str(args.width), "--repeats", str(args.repeats)] + ["--map-seeds"] * args.map_seeds
     hung, failed, times, version = 0, 0, [], ""
     for i in range(args.runs):
         start = time.time()
@@ -99,7 +101,8 @@ def main() -> None:
             version = proc.stdout.strip().splitlines()[-1]
             print(f"run {i + 1}: finished in {times[-1]:.1f}s", flush=True)
     print(f"{args.runs} runs: {hung} hung, {failed} failed, {args.runs - hung - failed} finished "
-          f"({version or 'no version seen'}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})")
+          f"({version or 'no version seen'}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+          f"{'; lax.map over seeds' if args.map_seeds else ''})")
 
 
 if __name__ == "__main__":
