@@ -70,7 +70,8 @@ def gridworld_table(files: list[str]) -> str:
             cells = [cell(summary["per_task"][t][name]) for t in tasks]
             aggregate = cell(summary["aggregate"][name]) if summary["aggregate"] else "n/a"
             bold = "**" if name.startswith("lopt") else ""
-            lines.append(f"| {report['eval_steps']:.0e} | {label} | {lrs} | "
+            steps = f"{report['eval_steps']:.0e}".replace("e+0", "e")
+            lines.append(f"| {steps} | {label} | {lrs} | "
                          + " | ".join(f"{bold}{c}{bold}" for c in cells) + f" | {bold}{aggregate}{bold} |")
     seeds = {(r["eval_seeds"], r["val_seeds"]) for r in reports}
     lines.append("")
