@@ -86,7 +86,7 @@ def tables() -> dict[str, str]:
     return {name: gridworld_table(files) for name, files in TABLES.items()}
 
 
-BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /table:(?P=name) -->)", re.S)
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)\n?(<!-- /table:(?P=name) -->)", re.S)
 DOCUMENTS = ["README.md", os.path.join("docs", "results.md")]
 
 
@@ -97,7 +97,7 @@ def blocks(text: str) -> dict[str, str]:
 def rewrite(text: str, generated: dict[str, str], prefix: str) -> str:
     def fill(match):
         body = generated[match["name"]].replace("](results/", f"]({prefix}results/")
-        return match.group(1) + body + match.group(4)
+        return match.group(1) + body + "\n" + match.group(4)
 
     return BLOCK.sub(fill, text)
 
