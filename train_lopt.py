@@ -24,7 +24,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache, partial
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, get_type_hints
 
 import flax.linen as nn
 import jax
@@ -60,6 +60,9 @@ from common import (
 )
 
 EnvGroup = Literal[tuple(ENV_GROUPS)]  # "gridworld", any single gridworld name, or "catch"
+# Marks an Args field that a resumed run may change (how long to run, where to write, how to evaluate, how fast).
+# Every other field must match the saved run's (see resume_settings): the safe default for a new flag.
+MayChange = "may change on --resume"
 
 
 @dataclass
@@ -81,7 +84,7 @@ class Args:
     """stagger agent resets over the reset interval (False: reset all agents together)"""
     num_agents: int = 8
     """agents per task in the meta-training population"""
-    agents_per_chunk: int | None = 8
+    agents_per_chunk: Annotated[int | None, MayChange] = 8
     """meta-gradients of this many agents of a task are computed at a time (a scan over chunks), so peak memory
     follows the chunk, not the population; None: the whole population at once"""
     num_envs: int = 4
@@ -91,7 +94,7 @@ class Args:
     rollout_steps: int = 20
     reset_interval: int = 64
     """meta-steps between two resets of the same agent"""
-    meta_steps: int = 1000
+    meta_steps: Annotated[int, MayChange] = 1000
     meta_lr: float = 1e-3
     """meta-Adam's learning rate (at 3e-3 the optimizer peaked within 250-450 meta-steps and then broke; at 1e-3 its
     rise is slower and smoother, so validation picks a better one; docs/results.md)"""
@@ -107,23 +110,23 @@ class Args:
     gae_lambda: float = 0.95
     entropy_coef: float = 0.01
     seed: int = 0
-    out_dir: str = "runs"
-    run_name: str | None = None
+    out_dir: Annotated[str, MayChange] = "runs"
+    run_name: Annotated[str | None, MayChange] = None
     """default: <env-group>_<lopt>_s<seed>"""
-    save_every: int = 50
+    save_every: Annotated[int, MayChange] = 50
     """meta-steps between checkpoints (the population-sized train state is written in the background)"""
-    resume: bool = False
+    resume: Annotated[bool, MayChange] = False
     """continue <out-dir>/<run-name> from its last checkpoint"""
-    log_every: int = 10
-    time_limit: float | None = None
+    log_every: Annotated[int, MayChange] = 10
+    time_limit: Annotated[float | None, MayChange] = None
     """wall-clock seconds for the whole command: meta-training stops in time to save and to run the final
     evaluation (--eval-reserve) within it; --resume continues the run"""
-    eval_reserve: float | None = None
+    eval_reserve: Annotated[float | None, MayChange] = None
     """seconds of --time-limit kept for the final evaluation; default: estimated from the validation baselines when
     validation covers the whole group, else a quarter of the limit (0 with --no-final-eval)"""
-    final_eval: bool = True
+    final_eval: Annotated[bool, MayChange] = True
     """evaluate the optimizer against the baselines after meta-training"""
-    val_every: int = 25
+    val_every: Annotated[int, MayChange] = 25
     """validate every this many meta-steps (and at meta-step 0 and the last): train fresh agents with the current
     optimizer and keep the best-scoring one as optimizer_best.msgpack; 0: no validation"""
     val_seeds: int = 16
@@ -131,27 +134,27 @@ class Args:
     followed noise)"""
     val_steps: int = 100_000
     """environment steps per validation agent"""
-    eval_only: bool = False
+    eval_only: Annotated[bool, MayChange] = False
     """skip meta-training; evaluate --lopt-path on the group"""
-    lopt_path: str | None = PRETRAINED_OPTIMIZER
+    lopt_path: Annotated[str | None, MayChange] = PRETRAINED_OPTIMIZER
     """checkpoint for --eval-only; default: the optimizer shipped in checkpoints/"""
-    eval_tasks: Literal["meta", "group"] = "meta"
+    eval_tasks: Annotated[Literal["meta", "group"], MayChange] = "meta"
     """tasks of the final evaluation: 'meta': the meta-training tasks (--meta-tasks); 'group': the whole group"""
-    eval_seeds: int = 16
+    eval_seeds: Annotated[int, MayChange] = 16
     """evaluation agents per task and optimizer (every learning rate is picked on --val-seeds other agents)"""
-    eval_steps: int = 100_000
+    eval_steps: Annotated[int, MayChange] = 100_000
     """environment steps per evaluation agent"""
-    eval_envs: int = 32
+    eval_envs: Annotated[int, MayChange] = 32
     """environment streams per evaluation agent (meta-training uses --num-envs)"""
-    max_bad_steps: int = 10
+    max_bad_steps: Annotated[int, MayChange] = 10
     """stop after this many consecutive non-finite meta-gradients"""
-    distributed: bool = False
+    distributed: Annotated[bool, MayChange] = False
     """multi-host: call jax.distributed.initialize() first (one process per host; auto-detected under SLURM or
     Open MPI, otherwise give the three flags below)"""
-    coordinator_address: str | None = None
+    coordinator_address: Annotated[str | None, MayChange] = None
     """multi-host: host:port of process 0"""
-    num_processes: int | None = None
-    process_id: int | None = None
+    num_processes: Annotated[int | None, MayChange] = None
+    process_id: Annotated[int | None, MayChange] = None
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -783,12 +786,17 @@ def run_dir(args: Args) -> str:
 
 
 def resume_settings(args: Args) -> dict:
-    """Settings that must not change when a run is resumed (meta_steps may grow; agents_per_chunk only trades memory
-    for speed)."""
-    skip = {"resume", "meta_steps", "save_every", "log_every", "eval_only", "lopt_path", "eval_tasks", "eval_seeds", "eval_steps",
-            "eval_envs", "max_bad_steps", "out_dir", "run_name", "distributed", "coordinator_address",
-            "num_processes", "process_id", "agents_per_chunk", "time_limit", "eval_reserve", "final_eval", "val_every"}
-    return {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
+    """Settings that must not change when a run is resumed: every Args field not annotated MayChange."""
+    hints = get_type_hints(Args, include_extras=True)
+    may_change = {name for name, hint in hints.items() if MayChange in getattr(hint, "__metadata__", ())}
+    return {k: v for k, v in dataclasses.asdict(args).items() if k not in may_change}
+
+
+def changed_settings(saved: dict, args: Args) -> list[str]:
+    """The resume_settings that differ from a saved run's. A setting the saved run predates counts as the field's
+    default, so adding a flag with a default does not stop older runs from resuming."""
+    defaults = {field.name: field.default for field in dataclasses.fields(Args)}
+    return sorted(k for k, v in resume_settings(args).items() if saved.get(k, defaults[k]) != v)
 
 
 TRAIN_STATE = "train_state.npy"  # the whole MetaState, for --resume: a JSON header, then its leaves
@@ -856,7 +864,7 @@ class Checkpointer:
         """The saved train state as host arrays shaped like `template`; a run with other settings is a UserError."""
         path = os.path.join(self.folder, TRAIN_STATE)
         header, leaves = load_arrays(path)
-        changed = sorted(k for k, v in resume_settings(self.args).items() if header["settings"].get(k) != v)
+        changed = changed_settings(header["settings"], self.args)
         if changed:
             raise UserError(f"cannot resume {path}: settings differ from the saved run ({', '.join(changed)})")
         expected = [(np.shape(x), np.dtype(x.dtype)) for x in jax.tree.leaves(template)]
