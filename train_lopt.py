@@ -4,10 +4,13 @@
     python train_lopt.py --env-group gridworld --preset paper   # the paper's scale, for an accelerator
     python train_lopt.py --env-group gridworld --eval-only       # evaluate the shipped checkpoint (or --lopt-path P)
 
-Reading order: gradient processing -> learned optimizers (coordinate-wise flax modules, wrapped as an
-optax GradientTransformation) -> A2C inner learner -> pipeline-trained agent population -> meta-step
--> checkpoints -> evaluation -> main loop. The method is described in the README and in the Optim4RL paper
-(Learning to Optimize for Reinforcement Learning, RLC 2024).
+Reading order (the section banners: grep -n "^# " train_lopt.py): the settings (Args), then the method:
+learned optimizers (the Optim4RL update rule first; coordinate-wise flax modules, wrapped as an optax
+GradientTransformation) -> the A2C agent -> pipeline training (reset schedule) -> the meta-loss -> the
+meta-step -> evaluation. After the method, two sections a reader of it can skip: speed-only code (equivalent
+to plain flax layers, faster on a CPU) and plumbing (checkpoints, time limit, metrics, plots, the meta-training
+loop, main). The method is described in the README and in the Optim4RL paper (Learning to Optimize for
+Reinforcement Learning, RLC 2024).
 """
 
 from __future__ import annotations
@@ -96,13 +99,13 @@ class Args:
     """meta-steps between two resets of the same agent"""
     meta_steps: Annotated[int, MayChange] = 1000
     meta_lr: float = 1e-3
-    """meta-Adam's learning rate (at 3e-3 the optimizer peaked within 250-450 meta-steps and then broke; at 1e-3 its
-    rise is slower and smoother, so validation picks a better one; docs/results.md)"""
+    """meta-Adam's learning rate (a lower meta-lr gives a slower, smoother rise that validation can pick from;
+    docs/results.md)"""
     meta_grad_clip: float = 1.0
     """clip the (task-averaged) meta-gradient to this global norm"""
     lopt_lr: float = 3e-3
-    """learning rate multiplying the learned optimizer's output (Adam's evaluation lr: at meta-step 0 it is sign-SGD
-    at that lr; at 1e-3 sign-SGD barely beat the random policy in 1e5 steps on the small grids)"""
+    """learning rate multiplying the learned optimizer's output (Adam's evaluation lr: at meta-step 0 the optimizer
+    is sign-SGD at this lr, which must be large enough for sign-SGD to learn the small grids)"""
     grad_clip: float = 1.0
     """element-wise clip of agent gradients before the optimizer"""
     hidden_size: int = 8
@@ -130,8 +133,8 @@ class Args:
     """validate every this many meta-steps (and at meta-step 0 and the last): train fresh agents with the current
     optimizer and keep the best-scoring one as optimizer_best.msgpack; 0: no validation"""
     val_seeds: int = 16
-    """validation agents per task (their seeds are disjoint from the final evaluation's; with 4 or 8, selection
-    followed noise)"""
+    """validation agents per task (their seeds are disjoint from the final evaluation's; with too few, the
+    selection follows noise)"""
     val_steps: int = 100_000
     """environment steps per validation agent"""
     eval_only: Annotated[bool, MayChange] = False
@@ -172,10 +175,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 class Optim4RL(nn.Module):
-    """m = sign(g) exp(o1) from RNN1(processed g); v = exp(o2) from RNN2(processed g^2); step m / sqrt(v + eps).
+    """The Optim4RL update rule: an Adam-like step whose two "moments" are outputs of two GRUs.
 
+        o1 = Dense(RNN1(sign g, log(|g| + LOG_EPS)))           m = sign(g) exp(o1)
+        o2 = Dense(RNN2(2 log(|g| + LOG_EPS))), i.e. of log g^2  v = exp(o2)
+        step = -lr m / sqrt(v + eps), eps = 1e-8                 (learned_optimizer applies the -lr)
+
+    RNN1 and RNN2 see the processed gradient (process_gradient; with grad_processing=False, g and g^2 themselves).
+    o1 and o2 are clipped to +-MAX_LOG_OUTPUT so exp() stays finite. The output layers start at zero, so at
+    initialisation the step is -lr sign(g) / sqrt(1 + eps): sign-SGD, a sound optimizer to meta-train from.
     Coordinate-wise: g is a flat vector of N scalars, each with its own recurrent state (rows of carry).
-    Returns the update direction; the caller scales it by -learning_rate.
+    Returns the update direction m / sqrt(v + eps).
     """
 
     hidden_size: int = 8
@@ -688,9 +698,8 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
 def meta_task_names(args: Args, group: tuple[str, ...]) -> tuple[str, ...]:
     """--meta-tasks: the tasks of the group that meta-training uses.
 
-    On a CPU budget the big gridworlds' agents never learn within a lifetime (Adam needs ~1e6 env steps there), so
-    their meta-gradients are noise (small, or with a sign that flips between meta-steps) at 15x a small grid's
-    cost.
+    On a CPU budget the big gridworlds' agents never learn within a lifetime, so their meta-gradients are noise
+    (small, or with a sign that flips between meta-steps) at many times a small grid's cost (docs/design.md).
     """
     small = tuple(t for t in group if t.startswith("small_"))
     return small if args.meta_tasks == "small" and small else group
@@ -965,15 +974,18 @@ class Validator:
 # ================================================================================================
 # Speed-only code: equivalent to plain flax, faster on CPU; a reader of the method can skip this
 # ================================================================================================
+# Read CoordinateGRUCell as flax's nn.GRUCell, the optimizers' output layers as plain nn.Dense, and Conv2x2 as
+# nn.Conv(features, (2, 2)): same parameters, same results (tests/test_train_lopt.py checks each). Why they are
+# faster: docs/design.md, "Where the optimizer's time goes" and "Agents' convolution"; benchmarks/bench_lopt.py.
 
 
 @jax.custom_vjp
 def coordinate_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """x @ kernel for a handful of features per coordinate ([N, I] @ [I, O], I and O at most the hidden size).
 
-    Written as I broadcast products, which XLA fuses with the GRU's gates into one pass over the coordinates;
-    a dot would write each [N, O] product to memory. On 270k coordinates (hopper's PPO networks) on a CPU this
-    makes the whole Optim4RL step 2.1x faster (benchmarks/bench_lopt.py).
+    Plain code: `x @ kernel`. Written as I broadcast products, which XLA fuses with the GRU's gates into one pass
+    over the coordinates, where a dot would write each [N, O] product to memory and read it back.
+    Same values and gradients: tests/test_train_lopt.py::test_coordinate_gru_matches_flax_gru.
     """
     return sum(x[..., i, None] * kernel[i] for i in range(kernel.shape[0]))
 
@@ -983,8 +995,8 @@ def _coordinate_matmul_fwd(x, kernel):
 
 
 def _coordinate_matmul_bwd(residuals, dy):
-    # The kernel's gradient is a reduction over all coordinates: one dot, rather than I x O separate reductions
-    # that differentiating the broadcast products would give (2x slower than flax's dots on the meta-gradient).
+    # The kernel's gradient is a reduction over all coordinates: one dot, rather than the I x O separate reductions
+    # that differentiating the broadcast products would give, which made the meta-gradient slower than flax's dots.
     x, kernel = residuals
     return coordinate_matmul(dy, kernel.T), jnp.einsum("...i,...o->io", x, dy)
 
@@ -993,13 +1005,23 @@ coordinate_matmul.defvjp(_coordinate_matmul_fwd, _coordinate_matmul_bwd)
 
 
 def coordinate_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """nn.Dense's dot_general (inputs' last axis against the kernel's first), computed by coordinate_matmul."""
+    """nn.Dense's dot_general (inputs' last axis against the kernel's first), computed by coordinate_matmul.
+
+    Plain code: nn.Dense without the dot_general argument (the optimizers' output layers, _zero_dense, and the
+    GRU's layers). Same values and gradients: tests/test_train_lopt.py::test_coordinate_gru_matches_flax_gru.
+    """
     del dimension_numbers, precision, preferred_element_type  # nn.Dense always contracts those two axes
     return coordinate_matmul(lhs, rhs)
 
 
 class CoordinateGRUCell(nn.GRUCell):
-    """flax's GRUCell with the same parameters (checkpoints are interchangeable), its matmuls coordinate-wise."""
+    """flax's GRUCell with the same parameters (checkpoints are interchangeable), its matmuls coordinate-wise.
+
+    Plain code: `nn.GRUCell(hidden_size, kernel_init=...)`. Same parameters, values and gradients, also under vmap:
+    tests/test_train_lopt.py::test_coordinate_gru_matches_flax_gru. The learned optimizer also runs in chunks of
+    coordinates during meta-training (learned_optimizer's chunk_size, for memory); that it gives the same updates
+    and meta-gradient as one pass: tests/test_train_lopt.py::test_chunked_optimizer_matches_unchunked.
+    """
 
     @nn.compact
     def __call__(self, carry, inputs):
@@ -1017,8 +1039,9 @@ class CoordinateGRUCell(nn.GRUCell):
 class Conv2x2(nn.Module):
     """`nn.Conv(features, (2, 2))` (SAME padding, same parameters and init), computed as patches @ kernel.
 
-    Agents are vmapped with one kernel each, which XLA:CPU lowers to a grouped convolution: A2C on the big
-    grids ran 10x slower with nn.Conv than with this matmul form (4 seeds x 32 envs, 733 vs 7,182 steps/s).
+    Plain code: `nn.Conv(features, (2, 2))`. Agents are vmapped with one kernel each, which XLA:CPU lowers to a
+    grouped convolution, far slower than this matmul form. Same parameters and output:
+    tests/test_train_lopt.py::test_conv2x2_matches_flax_conv.
     """
 
     features: int
@@ -1110,12 +1133,11 @@ def population_sharding(size: int, flag: str) -> NamedSharding:
 
 
 class Checkpointer:
-    """Each save copies the train state (the whole population, 12 GB at the paper's scale) to the host; a background
+    """Each save copies the train state (the whole population: large at the paper's scale) to the host; a background
     thread then writes it, and optimizer.msgpack (small and portable), while meta-training goes on.
 
-    Both writes are atomic. The state goes out in numpy's .npy format, a copy and a write: orbax spent 212 ms of
-    CPU on each save of a 41 MB state, 20x this, which on 2 cores slowed meta-training by 11% at --save-every 1
-    (benchmarks/bench_checkpoint.py).
+    Both writes are atomic. The state goes out in numpy's .npy format, a copy and a write, so a save takes little
+    CPU from meta-training (why not orbax: docs/design.md; benchmarks/bench_checkpoint.py).
     """
 
     def __init__(self, folder: str, args: Args):
@@ -1138,7 +1160,7 @@ class Checkpointer:
 
     def _own_copies(self, leaves: list[np.ndarray]) -> list[np.ndarray]:
         """On a CPU the host arrays are views of the device buffers, which the next meta-step donates: copy those,
-        into buffers kept from save to save (fresh ones cost page faults: 2.5 ms for 41 MB became up to 80 ms)."""
+        into buffers kept from save to save (fresh ones would cost page faults at every save)."""
         if self.buffers is None or [b.shape for b in self.buffers] != [x.shape for x in leaves]:
             self.buffers = [np.empty_like(x) for x in leaves]
         for buffer, x in zip(self.buffers, leaves):
@@ -1147,7 +1169,7 @@ class Checkpointer:
         return [x if x.flags.owndata else buffer for buffer, x in zip(self.buffers, leaves)]
 
     def _write(self, header: dict, leaves: list[np.ndarray], optimizer: dict) -> None:
-        # In the background, fsyncs included (each one took tens of ms on this machine's disk).
+        # In the background, fsyncs included: they wait for the disk.
         save_arrays(os.path.join(self.folder, TRAIN_STATE), header, leaves)
         save_msgpack(os.path.join(self.folder, "optimizer.msgpack"), optimizer)
 
