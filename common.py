@@ -345,7 +345,7 @@ def save_arrays(path: str, header: dict, arrays: list[np.ndarray]) -> None:
     """Atomically write a JSON header and then the arrays, back to back in numpy's .npy format.
 
     For large states: no serialisation step and no compression, so a save costs little more than the bytes
-    written (41 MB: 11 ms of CPU, against 98 ms for flax's msgpack; benchmarks/bench_checkpoint.py).
+    written, far less CPU than flax's msgpack (benchmarks/bench_checkpoint.py).
     """
 
     def write(f):

@@ -3,7 +3,7 @@
 Does an optimizer meta-trained only on gridworlds (train_lopt.py) train Brax robots? Every optimizer
 gets the same PPO settings and the same seeds, one after another, in one invocation:
 
-    python eval_brax.py --env inverted_double_pendulum --optimizers adam lopt   # lopt: checkpoints/optim4rl_gridworld.msgpack
+    python eval_brax.py --env inverted_double_pendulum --optimizers adam lopt   # lopt: the shipped checkpoint
     python eval_brax.py --env ant --backend spring --preset paper --optimizers adam lopt --lopt-path ...
 
 Reading order: settings and presets -> PPO (rollout, loss, update, evaluation; `make_train` returns one
@@ -105,7 +105,7 @@ class Args:
 
 # Brax's PPO settings, from its training notebook. "cpu" scales them to a few CPU cores:
 # 512 envs, minibatches of 256 segments, 8 minibatches; budgets are sized so that adam + lopt with 3 seeds
-# finish within about 15 minutes on 2 idle cores (inverted_double_pendulum at 500k steps took 14.8 minutes).
+# fit a short session on 2 idle cores (run times: docs/brax.md).
 # Hopper and walker2d have no published PPO settings; ant's are used.
 _LOCOMOTION = dict(reward_scaling=10.0, discounting=0.97, entropy_cost=1e-2, unroll_length=5, num_updates_per_batch=4)
 _CPU = dict(num_envs=512, batch_size=256, num_minibatches=8)
@@ -142,49 +142,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                         total_timesteps=50_000_000, num_evals=20),
     },
 }
-
-
-def parse_args(argv: list[str] | None = None) -> Args:
-    """The preset for (--preset, --env) sets defaults; flags given on the command line override them."""
-    argv = sys.argv[1:] if argv is None else argv
-    chosen = {"--preset": "cpu", "--env": Args.env}
-    for i, a in enumerate(argv):
-        for flag in chosen:
-            if a == flag and i + 1 < len(argv):
-                chosen[flag] = argv[i + 1]
-            elif a.startswith(flag + "="):
-                chosen[flag] = a.split("=", 1)[1]
-    defaults = Args(**PRESETS.get(chosen["--preset"], {}).get(chosen["--env"], {}))  # bad names: reported later
-    return tyro.cli(Args, args=argv, default=defaults, description=__doc__.split("\n")[0])
-
-
-def check_settings(args: Args) -> None:
-    """Reject careless flag values with one line naming the flag, before anything is built or compiled."""
-    if args.env not in envs._envs:  # Brax's registry
-        raise UserError(f"unknown --env {args.env!r}; Brax environments: {', '.join(sorted(envs._envs))}")
-    if not args.optimizers:
-        raise UserError("--optimizers: give at least one of adam, rmsprop, sgd, lopt")
-    if len(set(args.optimizers)) != len(args.optimizers):
-        raise UserError(f"--optimizers lists a name twice: {' '.join(args.optimizers)}")
-    check_args(args, positive=("total_timesteps", "num_seeds", "num_envs", "batch_size", "num_minibatches",
-                               "unroll_length", "num_updates_per_batch", "episode_length", "action_repeat",
-                               "num_evals", "num_eval_envs", "lopt_lr", "max_grad_norm",
-                               "reward_scaling", "clipping_epsilon"),
-               non_negative=("grad_clip", "entropy_cost", "value_coef"),
-               unit_interval=("discounting", "gae_lambda"))
-    if not args.learning_rates or not all(math.isfinite(lr) and lr > 0 for lr in args.learning_rates):
-        raise UserError(f"--learning-rates {' '.join(map(str, args.learning_rates))}: give one or more finite "
-                        "numbers > 0")
-    segments = args.batch_size * args.num_minibatches
-    if segments % args.num_envs:
-        raise UserError(f"--num-envs {args.num_envs}: must divide --batch-size x --num-minibatches ({segments}): "
-                        "each update collects whole unrolls from every environment")
-    if args.episode_length % args.action_repeat:
-        raise UserError(f"--episode-length {args.episode_length}: must be a multiple of --action-repeat "
-                        f"({args.action_repeat})")
-    if args.total_timesteps < (per_update := env_steps_per_update(args)):
-        raise UserError(f"--total-timesteps {args.total_timesteps}: must be at least {per_update:,}, one PPO update "
-                        "(--batch-size x --num-minibatches x --unroll-length x --action-repeat)")
 
 
 # ================================================================================================
@@ -546,10 +503,54 @@ def main(args: Args) -> None:
         with open(os.path.join(folder, "summary.json"), "w") as f:
             json.dump({"env": args.env, "backend": args.backend, "optimizers": summary,
                        "env_steps_per_seed": int(env_steps[-1]), "num_seeds": args.num_seeds,
-                       "settings": dataclasses.asdict(args), "command": "python eval_brax.py " + " ".join(sys.argv[1:])},
+                       "settings": dataclasses.asdict(args),
+                       "command": "python eval_brax.py " + " ".join(sys.argv[1:])},
                       f, indent=2)
     print(format_summary_table(summary))
     print(f"wrote {folder}/returns.csv, returns.png, summary.json")
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """The preset for (--preset, --env) sets defaults; flags given on the command line override them."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = {"--preset": "cpu", "--env": Args.env}
+    for i, a in enumerate(argv):
+        for flag in chosen:
+            if a == flag and i + 1 < len(argv):
+                chosen[flag] = argv[i + 1]
+            elif a.startswith(flag + "="):
+                chosen[flag] = a.split("=", 1)[1]
+    defaults = Args(**PRESETS.get(chosen["--preset"], {}).get(chosen["--env"], {}))  # bad names: reported later
+    return tyro.cli(Args, args=argv, default=defaults, description=__doc__.split("\n")[0])
+
+
+def check_settings(args: Args) -> None:
+    """Reject careless flag values with one line naming the flag, before anything is built or compiled."""
+    if args.env not in envs._envs:  # Brax's registry
+        raise UserError(f"unknown --env {args.env!r}; Brax environments: {', '.join(sorted(envs._envs))}")
+    if not args.optimizers:
+        raise UserError("--optimizers: give at least one of adam, rmsprop, sgd, lopt")
+    if len(set(args.optimizers)) != len(args.optimizers):
+        raise UserError(f"--optimizers lists a name twice: {' '.join(args.optimizers)}")
+    check_args(args, positive=("total_timesteps", "num_seeds", "num_envs", "batch_size", "num_minibatches",
+                               "unroll_length", "num_updates_per_batch", "episode_length", "action_repeat",
+                               "num_evals", "num_eval_envs", "lopt_lr", "max_grad_norm",
+                               "reward_scaling", "clipping_epsilon"),
+               non_negative=("grad_clip", "entropy_cost", "value_coef"),
+               unit_interval=("discounting", "gae_lambda"))
+    if not args.learning_rates or not all(math.isfinite(lr) and lr > 0 for lr in args.learning_rates):
+        raise UserError(f"--learning-rates {' '.join(map(str, args.learning_rates))}: give one or more finite "
+                        "numbers > 0")
+    segments = args.batch_size * args.num_minibatches
+    if segments % args.num_envs:
+        raise UserError(f"--num-envs {args.num_envs}: must divide --batch-size x --num-minibatches ({segments}): "
+                        "each update collects whole unrolls from every environment")
+    if args.episode_length % args.action_repeat:
+        raise UserError(f"--episode-length {args.episode_length}: must be a multiple of --action-repeat "
+                        f"({args.action_repeat})")
+    if args.total_timesteps < (per_update := env_steps_per_update(args)):
+        raise UserError(f"--total-timesteps {args.total_timesteps}: must be at least {per_update:,}, one PPO update "
+                        "(--batch-size x --num-minibatches x --unroll-length x --action-repeat)")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,13 @@
     python train_lopt.py --env-group gridworld --preset paper   # the paper's scale, for an accelerator
     python train_lopt.py --env-group gridworld --eval-only       # evaluate the shipped checkpoint (or --lopt-path P)
 
-Reading order: gradient processing -> learned optimizers (coordinate-wise flax modules, wrapped as an
-optax GradientTransformation) -> A2C inner learner -> pipeline-trained agent population -> meta-step
--> checkpoints -> evaluation -> main loop. The method is described in the README and in the Optim4RL paper
-(Learning to Optimize for Reinforcement Learning, RLC 2024).
+Reading order (the section banners: grep -n "^# " train_lopt.py): the settings (Args), then the method:
+learned optimizers (the Optim4RL update rule first; coordinate-wise flax modules, wrapped as an optax
+GradientTransformation) -> the A2C agent -> pipeline training (reset schedule) -> the meta-loss -> the
+meta-step -> evaluation. After the method, two sections a reader of it can skip: speed-only code (equivalent
+to plain flax layers, faster on a CPU) and plumbing (checkpoints, time limit, metrics, plots, the meta-training
+loop, main). The method is described in the README and in the Optim4RL paper (Learning to Optimize for
+Reinforcement Learning, RLC 2024).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache, partial
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, get_type_hints
 
 import flax.linen as nn
 import jax
@@ -60,6 +63,9 @@ from common import (
 )
 
 EnvGroup = Literal[tuple(ENV_GROUPS)]  # "gridworld", any single gridworld name, or "catch"
+# Marks an Args field that a resumed run may change (how long to run, where to write, how to evaluate, how fast).
+# Every other field must match the saved run's (see resume_settings): the safe default for a new flag.
+MayChange = "may change on --resume"
 
 
 @dataclass
@@ -81,7 +87,7 @@ class Args:
     """stagger agent resets over the reset interval (False: reset all agents together)"""
     num_agents: int = 8
     """agents per task in the meta-training population"""
-    agents_per_chunk: int | None = 8
+    agents_per_chunk: Annotated[int | None, MayChange] = 8
     """meta-gradients of this many agents of a task are computed at a time (a scan over chunks), so peak memory
     follows the chunk, not the population; None: the whole population at once"""
     num_envs: int = 4
@@ -91,15 +97,15 @@ class Args:
     rollout_steps: int = 20
     reset_interval: int = 64
     """meta-steps between two resets of the same agent"""
-    meta_steps: int = 1000
+    meta_steps: Annotated[int, MayChange] = 1000
     meta_lr: float = 1e-3
-    """meta-Adam's learning rate (at 3e-3 the optimizer peaked within 250-450 meta-steps and then broke; at 1e-3 its
-    rise is slower and smoother, so validation picks a better one; docs/results.md)"""
+    """meta-Adam's learning rate (a lower meta-lr gives a slower, smoother rise that validation can pick from;
+    docs/results.md)"""
     meta_grad_clip: float = 1.0
     """clip the (task-averaged) meta-gradient to this global norm"""
     lopt_lr: float = 3e-3
-    """learning rate multiplying the learned optimizer's output (Adam's evaluation lr: at meta-step 0 it is sign-SGD
-    at that lr; at 1e-3 sign-SGD barely beat the random policy in 1e5 steps on the small grids)"""
+    """learning rate multiplying the learned optimizer's output (Adam's evaluation lr: at meta-step 0 the optimizer
+    is sign-SGD at this lr, which must be large enough for sign-SGD to learn the small grids)"""
     grad_clip: float = 1.0
     """element-wise clip of agent gradients before the optimizer"""
     hidden_size: int = 8
@@ -107,51 +113,51 @@ class Args:
     gae_lambda: float = 0.95
     entropy_coef: float = 0.01
     seed: int = 0
-    out_dir: str = "runs"
-    run_name: str | None = None
+    out_dir: Annotated[str, MayChange] = "runs"
+    run_name: Annotated[str | None, MayChange] = None
     """default: <env-group>_<lopt>_s<seed>"""
-    save_every: int = 50
+    save_every: Annotated[int, MayChange] = 50
     """meta-steps between checkpoints (the population-sized train state is written in the background)"""
-    resume: bool = False
+    resume: Annotated[bool, MayChange] = False
     """continue <out-dir>/<run-name> from its last checkpoint"""
-    log_every: int = 10
-    time_limit: float | None = None
+    log_every: Annotated[int, MayChange] = 10
+    time_limit: Annotated[float | None, MayChange] = None
     """wall-clock seconds for the whole command: meta-training stops in time to save and to run the final
     evaluation (--eval-reserve) within it; --resume continues the run"""
-    eval_reserve: float | None = None
+    eval_reserve: Annotated[float | None, MayChange] = None
     """seconds of --time-limit kept for the final evaluation; default: estimated from the validation baselines when
     validation covers the whole group, else a quarter of the limit (0 with --no-final-eval)"""
-    final_eval: bool = True
+    final_eval: Annotated[bool, MayChange] = True
     """evaluate the optimizer against the baselines after meta-training"""
-    val_every: int = 25
+    val_every: Annotated[int, MayChange] = 25
     """validate every this many meta-steps (and at meta-step 0 and the last): train fresh agents with the current
     optimizer and keep the best-scoring one as optimizer_best.msgpack; 0: no validation"""
     val_seeds: int = 16
-    """validation agents per task (their seeds are disjoint from the final evaluation's; with 4 or 8, selection
-    followed noise)"""
+    """validation agents per task (their seeds are disjoint from the final evaluation's; with too few, the
+    selection follows noise)"""
     val_steps: int = 100_000
     """environment steps per validation agent"""
-    eval_only: bool = False
+    eval_only: Annotated[bool, MayChange] = False
     """skip meta-training; evaluate --lopt-path on the group"""
-    lopt_path: str | None = PRETRAINED_OPTIMIZER
+    lopt_path: Annotated[str | None, MayChange] = PRETRAINED_OPTIMIZER
     """checkpoint for --eval-only; default: the optimizer shipped in checkpoints/"""
-    eval_tasks: Literal["meta", "group"] = "meta"
+    eval_tasks: Annotated[Literal["meta", "group"], MayChange] = "meta"
     """tasks of the final evaluation: 'meta': the meta-training tasks (--meta-tasks); 'group': the whole group"""
-    eval_seeds: int = 16
+    eval_seeds: Annotated[int, MayChange] = 16
     """evaluation agents per task and optimizer (every learning rate is picked on --val-seeds other agents)"""
-    eval_steps: int = 100_000
+    eval_steps: Annotated[int, MayChange] = 100_000
     """environment steps per evaluation agent"""
-    eval_envs: int = 32
+    eval_envs: Annotated[int, MayChange] = 32
     """environment streams per evaluation agent (meta-training uses --num-envs)"""
-    max_bad_steps: int = 10
+    max_bad_steps: Annotated[int, MayChange] = 10
     """stop after this many consecutive non-finite meta-gradients"""
-    distributed: bool = False
+    distributed: Annotated[bool, MayChange] = False
     """multi-host: call jax.distributed.initialize() first (one process per host; auto-detected under SLURM or
     Open MPI, otherwise give the three flags below)"""
-    coordinator_address: str | None = None
+    coordinator_address: Annotated[str | None, MayChange] = None
     """multi-host: host:port of process 0"""
-    num_processes: int | None = None
-    process_id: int | None = None
+    num_processes: Annotated[int | None, MayChange] = None
+    process_id: Annotated[int | None, MayChange] = None
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -162,92 +168,24 @@ PRESETS: dict[str, dict[str, Any]] = {
                   reset_interval=144, eval_steps=1_000_000, val_steps=200_000),
 }
 
+
 # ================================================================================================
-# Gradient processing and learned optimizers
+# Learned optimizers: the Optim4RL update rule first, then the L2L and LinearOptim baselines
 # ================================================================================================
-
-LOG_EPS = 1e-18  # inside log(|g| + eps): zero gradients map to a large but finite negative number
-MAX_LOG_OUTPUT = 30.0  # network outputs are used as exponents; clip so exp() stays finite in float32
-
-
-def process_gradient(g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sign g, log(|g| + eps)): resolves gradients spread over many orders of magnitude."""
-    g = jax.lax.stop_gradient(g)
-    return jnp.sign(g), jnp.log(jnp.abs(g) + LOG_EPS)
-
-
-def l2l_features(g: jax.Array, p: float = 10.0) -> jax.Array:
-    """Andrychowicz et al. (2016) preprocessing: (log|g|/p, sign g) if |g| >= e^-p else (-1, e^p g)."""
-    g = jax.lax.stop_gradient(g)
-    large = jnp.abs(g) >= jnp.exp(-p)
-    return jnp.stack(
-        [jnp.where(large, jnp.log(jnp.abs(g) + LOG_EPS) / p, -1.0), jnp.where(large, jnp.sign(g), jnp.exp(p) * g)], -1
-    )
-
-
-@jax.custom_vjp
-def coordinate_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x @ kernel for a handful of features per coordinate ([N, I] @ [I, O], I and O at most the hidden size).
-
-    Written as I broadcast products, which XLA fuses with the GRU's gates into one pass over the coordinates;
-    a dot would write each [N, O] product to memory. On 270k coordinates (hopper's PPO networks) on a CPU this
-    makes the whole Optim4RL step 2.1x faster (benchmarks/bench_lopt.py).
-    """
-    return sum(x[..., i, None] * kernel[i] for i in range(kernel.shape[0]))
-
-
-def _coordinate_matmul_fwd(x, kernel):
-    return coordinate_matmul(x, kernel), (x, kernel)
-
-
-def _coordinate_matmul_bwd(residuals, dy):
-    # The kernel's gradient is a reduction over all coordinates: one dot, rather than I x O separate reductions
-    # that differentiating the broadcast products would give (2x slower than flax's dots on the meta-gradient).
-    x, kernel = residuals
-    return coordinate_matmul(dy, kernel.T), jnp.einsum("...i,...o->io", x, dy)
-
-
-coordinate_matmul.defvjp(_coordinate_matmul_fwd, _coordinate_matmul_bwd)
-
-
-def coordinate_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """nn.Dense's dot_general (inputs' last axis against the kernel's first), computed by coordinate_matmul."""
-    del dimension_numbers, precision, preferred_element_type  # nn.Dense always contracts those two axes
-    return coordinate_matmul(lhs, rhs)
-
-
-class CoordinateGRUCell(nn.GRUCell):
-    """flax's GRUCell with the same parameters (checkpoints are interchangeable), its matmuls coordinate-wise."""
-
-    @nn.compact
-    def __call__(self, carry, inputs):
-        h = carry
-        dense = partial(nn.Dense, h.shape[-1], bias_init=self.bias_init, dot_general=coordinate_dot_general)
-        dense_h = partial(dense, use_bias=False, kernel_init=self.recurrent_kernel_init)
-        dense_i = partial(dense, kernel_init=self.kernel_init)
-        r = self.gate_fn(dense_i(name="ir")(inputs) + dense_h(name="hr")(h))
-        z = self.gate_fn(dense_i(name="iz")(inputs) + dense_h(name="hz")(h))
-        n = self.activation_fn(dense_i(name="in")(inputs) + r * dense_h(name="hn", use_bias=True)(h))
-        h = (1.0 - z) * n + z * h
-        return h, h
-
-
-def _gru(hidden_size: int, name: str) -> CoordinateGRUCell:
-    # Small input weights: log|g| is O(10) in size, so default-scaled weights would saturate the gates.
-    return CoordinateGRUCell(hidden_size, kernel_init=nn.initializers.variance_scaling(0.01, "fan_in", "normal"),
-                             name=name)
-
-
-def _zero_dense(features: int, name: str) -> nn.Dense:
-    # Zero-initialised outputs: Optim4RL starts as sign-SGD, a sound optimizer to meta-train from.
-    return nn.Dense(features, kernel_init=nn.initializers.zeros, dot_general=coordinate_dot_general, name=name)
 
 
 class Optim4RL(nn.Module):
-    """m = sign(g) exp(o1) from RNN1(processed g); v = exp(o2) from RNN2(processed g^2); step m / sqrt(v + eps).
+    """The Optim4RL update rule: an Adam-like step whose two "moments" are outputs of two GRUs.
 
+        o1 = Dense(RNN1(sign g, log(|g| + LOG_EPS)))           m = sign(g) exp(o1)
+        o2 = Dense(RNN2(2 log(|g| + LOG_EPS))), i.e. of log g^2  v = exp(o2)
+        step = -lr m / sqrt(v + eps), eps = 1e-8                 (learned_optimizer applies the -lr)
+
+    RNN1 and RNN2 see the processed gradient (process_gradient; with grad_processing=False, g and g^2 themselves).
+    o1 and o2 are clipped to +-MAX_LOG_OUTPUT so exp() stays finite. The output layers start at zero, so at
+    initialisation the step is -lr sign(g) / sqrt(1 + eps): sign-SGD, a sound optimizer to meta-train from.
     Coordinate-wise: g is a flat vector of N scalars, each with its own recurrent state (rows of carry).
-    Returns the update direction; the caller scales it by -learning_rate.
+    Returns the update direction m / sqrt(v + eps).
     """
 
     hidden_size: int = 8
@@ -270,6 +208,27 @@ class Optim4RL(nn.Module):
         return (h_m, h_v), m / jnp.sqrt(v + 1e-8)
 
 
+LOG_EPS = 1e-18  # inside log(|g| + eps): zero gradients map to a large but finite negative number
+MAX_LOG_OUTPUT = 30.0  # network outputs are used as exponents; clip so exp() stays finite in float32
+
+
+def process_gradient(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sign g, log(|g| + eps)): resolves gradients spread over many orders of magnitude."""
+    g = jax.lax.stop_gradient(g)
+    return jnp.sign(g), jnp.log(jnp.abs(g) + LOG_EPS)
+
+
+def _gru(hidden_size: int, name: str) -> CoordinateGRUCell:
+    # Small input weights: log|g| is O(10) in size, so default-scaled weights would saturate the gates.
+    return CoordinateGRUCell(hidden_size, kernel_init=nn.initializers.variance_scaling(0.01, "fan_in", "normal"),
+                             name=name)
+
+
+def _zero_dense(features: int, name: str) -> nn.Dense:
+    # Zero-initialised outputs: Optim4RL starts as sign-SGD, a sound optimizer to meta-train from.
+    return nn.Dense(features, kernel_init=nn.initializers.zeros, dot_general=coordinate_dot_general, name=name)
+
+
 class L2L(nn.Module):
     """L2LGD2-style baseline: an RNN over preprocessed g that outputs the update directly."""
 
@@ -282,6 +241,15 @@ class L2L(nn.Module):
         x = l2l_features(g) if self.grad_processing else jax.lax.stop_gradient(g)[:, None]
         h, y = _gru(self.hidden_size, "rnn")(carry[0], x)
         return (h,), _zero_dense(1, "out")(y)[:, 0]
+
+
+def l2l_features(g: jax.Array, p: float = 10.0) -> jax.Array:
+    """Andrychowicz et al. (2016) preprocessing: (log|g|/p, sign g) if |g| >= e^-p else (-1, e^p g)."""
+    g = jax.lax.stop_gradient(g)
+    large = jnp.abs(g) >= jnp.exp(-p)
+    return jnp.stack(
+        [jnp.where(large, jnp.log(jnp.abs(g) + LOG_EPS) / p, -1.0), jnp.where(large, jnp.sign(g), jnp.exp(p) * g)], -1
+    )
 
 
 class LinearOptim(nn.Module):
@@ -309,6 +277,17 @@ def make_lopt_net(config: dict) -> nn.Module:
     return LOPTS[config["lopt"]](hidden_size=config["hidden_size"], grad_processing=config["grad_processing"])
 
 
+def lopt_config(args: Args) -> dict:
+    """What load_optimizer needs to rebuild and apply the network (stored in every checkpoint)."""
+    return dict(
+        lopt=args.lopt,
+        hidden_size=args.hidden_size,
+        grad_processing=args.grad_processing,
+        lopt_lr=args.lopt_lr,
+        grad_clip=args.grad_clip,
+    )
+
+
 def initial_carry(net: nn.Module, num_coordinates: int) -> tuple[jax.Array, ...]:
     return tuple(jnp.zeros((num_coordinates, net.hidden_size)) for _ in range(net.num_rnns))
 
@@ -316,6 +295,8 @@ def initial_carry(net: nn.Module, num_coordinates: int) -> tuple[jax.Array, ...]
 def init_lopt_params(net: nn.Module, key: jax.Array):
     return net.init(key, initial_carry(net, 1), jnp.zeros(1))
 
+
+# --- The learned optimizer as an optax GradientTransformation, as agents use it: clip, then the network's step ---
 
 LOPT_CHUNK = 4096  # coordinates per chunk of the optimizer network in meta-training; see learned_optimizer
 
@@ -367,28 +348,6 @@ def clipped_learned_optimizer(net: nn.Module, lopt_params, learning_rate, grad_c
     return with_grad_clip(learned_optimizer(net, lopt_params, learning_rate, chunk_size), grad_clip)
 
 
-def read_optimizer_checkpoint(path: str) -> dict:
-    """Checkpoint dict with 'config', 'params', 'init_params'; a missing, corrupt or foreign file is a UserError."""
-    tree = load_msgpack(path)
-    config = tree.get("config")
-    if not isinstance(config, dict) or config.get("lopt") not in LOPTS or "params" not in tree:
-        raise UserError(f"{path} is not a learned-optimizer checkpoint of this project")
-    config = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in config.items()}
-    try:
-        template = init_lopt_params(make_lopt_net(config), jax.random.PRNGKey(0))
-        restore = lambda params: serialization.from_state_dict(template, params)  # noqa: E731
-        params = restore(tree["params"])
-        init_params = restore(tree.get("init_params", tree["params"]))
-        shapes_match = jax.tree.map(lambda a, b: np.shape(a) == np.shape(b), template, params)
-        if not all(jax.tree.leaves(shapes_match)):
-            raise ValueError("parameter shapes differ from the config's network")
-    except Exception as error:  # whatever a malformed file breaks, the user needs the file's name
-        raise UserError(f"{path} does not match the network it describes ({type(error).__name__}: {error})")
-    val_score = tree.get("val_score")  # in optimizer_best.msgpack: the validation score that made it the best
-    return {"config": config, "params": params, "init_params": init_params, "meta_step": int(tree.get("meta_step", 0)),
-            "val_score": None if val_score is None else float(val_score)}
-
-
 def load_optimizer(path: str, learning_rate: float | None = None, grad_clip: float | None = -1.0):
     """Load a trained learned optimizer as an `optax.GradientTransformation`.
 
@@ -404,27 +363,8 @@ def load_optimizer(path: str, learning_rate: float | None = None, grad_clip: flo
 
 
 # ================================================================================================
-# A2C inner learner
+# The A2C agent (inner learner): task, actor-critic network, loss, TD(lambda) targets, one update
 # ================================================================================================
-
-
-class Conv2x2(nn.Module):
-    """`nn.Conv(features, (2, 2))` (SAME padding, same parameters and init), computed as patches @ kernel.
-
-    Agents are vmapped with one kernel each, which XLA:CPU lowers to a grouped convolution: A2C on the big
-    grids ran 10x slower with nn.Conv than with this matmul form (4 seeds x 32 envs, 733 vs 7,182 steps/s).
-    """
-
-    features: int
-
-    @nn.compact
-    def __call__(self, x):  # (batch, H, W, C)
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        height, width = x.shape[1:3]
-        padded = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))  # SAME for a 2x2 kernel pads after, by one
-        patches = jnp.concatenate([padded[:, i : i + height, j : j + width] for i in (0, 1) for j in (0, 1)], -1)
-        return patches @ kernel.reshape(-1, self.features) + bias
 
 
 class ActorCritic(nn.Module):
@@ -573,7 +513,7 @@ def a2c_step(task: Task, tx: optax.GradientTransformation, agent: Agent, stop_me
 
 
 # ================================================================================================
-# Pipeline training: a population of agents at staggered stages of training
+# Pipeline training: a population of agents at staggered stages of training (the reset schedule)
 # ================================================================================================
 
 
@@ -592,15 +532,42 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def lopt_config(args: Args) -> dict:
-    """What load_optimizer needs to rebuild and apply the network (stored in every checkpoint)."""
-    return dict(
-        lopt=args.lopt,
-        hidden_size=args.hidden_size,
-        grad_processing=args.grad_processing,
-        lopt_lr=args.lopt_lr,
-        grad_clip=args.grad_clip,
-    )
+# ================================================================================================
+# The meta-loss: one agent's K learned-optimizer updates, then its A2C loss on the next rollout
+# ================================================================================================
+
+
+def agent_meta_loss(lopt_params, task: Task, agent: Agent, reset_key, reset_now, make_tx, inner_updates: int):
+    """(meta-loss, (agent, return sum, episode count)) of one agent, differentiable in lopt_params.
+
+    The agent is first replaced by a fresh one if its reset is due (reset_now) or its parameters are no longer
+    finite. It then takes inner_updates A2C updates with the learned optimizer make_tx(lopt_params): the
+    meta-gradient flows through the optimizer's updates, the rollouts and the agent's gradients are constants to it.
+    The meta-loss is the A2C loss of the updated agent on its next rollout. The returned agent, after that rollout,
+    carries no meta-gradient: it continues at the next meta-step.
+    """
+    tx = make_tx(lopt_params)
+    # Reset on schedule, or if the agent diverged (non-finite parameters).
+    fresh = init_agent(task, tx, reset_key)
+    reset_now = reset_now | ~all_finite(agent.params)
+    agent = jax.tree.map(lambda a, b: jnp.where(reset_now, a, b), fresh, agent)
+
+    def inner(agent, _):
+        return a2c_step(task, tx, agent, stop_meta_gradient=True)
+
+    agent, (return_sum, return_count) = jax.lax.scan(inner, agent, length=inner_updates)
+    # Meta-loss: the A2C loss of the updated agent on the next rollout.
+    key, key_rollout = jax.random.split(agent.key)
+    traj, env_state, obs = task.rollout(jax.lax.stop_gradient(agent.params), agent.env_state, agent.obs, key_rollout)
+    meta_loss = task.loss(agent.params, traj, obs)
+    last_sum, last_count = returns_summary(traj)
+    new_agent = jax.lax.stop_gradient(Agent(agent.params, agent.opt_state, env_state, obs, key))
+    return meta_loss, (new_agent, return_sum.sum() + last_sum, return_count.sum() + last_count)
+
+
+# ================================================================================================
+# The meta-step: the population's meta-gradient, in chunks of agents, averaged over tasks; meta-Adam
+# ================================================================================================
 
 
 class MetaState(struct.PyTreeNode):
@@ -609,16 +576,6 @@ class MetaState(struct.PyTreeNode):
     meta_opt_state: Any
     populations: tuple  # one Agent population (leading axis = agents) per task
     key: jax.Array
-
-
-def population_sharding(size: int, flag: str) -> NamedSharding:
-    """Split a leading axis of `size` agents (or seeds) evenly over all visible devices, on all hosts."""
-    devices = jax.device_count()
-    if size % devices:
-        raise UserError(f"{flag} {size} must be a multiple of the device count ({devices})")
-    # Auto axis: XLA propagates the split through the vmapped agents and inserts the meta-gradient's all-reduce.
-    mesh = jax.make_mesh((devices,), ("population",), axis_types=(jax.sharding.AxisType.Auto,))
-    return NamedSharding(mesh, PartitionSpec("population"))
 
 
 class MetaTrain(NamedTuple):
@@ -671,29 +628,10 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
         )
         return MetaState(jnp.zeros((), jnp.int32), lopt_params, meta_tx.init(lopt_params), populations, key)
 
-    def agent_meta_loss(lopt_params, task: Task, agent: Agent, reset_key, reset_now):
-        tx = inner_tx(lopt_params)
-        # Reset on schedule, or if the agent diverged (non-finite parameters).
-        fresh = init_agent(task, tx, reset_key)
-        reset_now = reset_now | ~all_finite(agent.params)
-        agent = jax.tree.map(lambda a, b: jnp.where(reset_now, a, b), fresh, agent)
-
-        def inner(agent, _):
-            return a2c_step(task, tx, agent, stop_meta_gradient=True)
-
-        agent, (return_sum, return_count) = jax.lax.scan(inner, agent, length=args.inner_updates)
-        # Meta-loss: the A2C loss of the updated agent on the next rollout.
-        key, key_rollout = jax.random.split(agent.key)
-        traj, env_state, obs = task.rollout(jax.lax.stop_gradient(agent.params), agent.env_state, agent.obs, key_rollout)
-        meta_loss = task.loss(agent.params, traj, obs)
-        last_sum, last_count = returns_summary(traj)
-        new_agent = jax.lax.stop_gradient(Agent(agent.params, agent.opt_state, env_state, obs, key))
-        return meta_loss, (new_agent, return_sum.sum() + last_sum, return_count.sum() + last_count)
-
     def agents_meta_loss(lopt_params, task, agents, keys, reset_now):
         """Summed meta-loss of some agents of a task (vmapped), divided by the population size."""
-        losses, aux = jax.vmap(agent_meta_loss, in_axes=(None, None, 0, 0, 0))(
-            lopt_params, task, agents, keys, reset_now)
+        one_agent = partial(agent_meta_loss, make_tx=inner_tx, inner_updates=args.inner_updates)
+        losses, aux = jax.vmap(one_agent, in_axes=(None, None, 0, 0, 0))(lopt_params, task, agents, keys, reset_now)
         return jnp.sum(losses) / args.num_agents, aux
 
     num_chunks = args.num_agents // chunk
@@ -760,9 +698,8 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
 def meta_task_names(args: Args, group: tuple[str, ...]) -> tuple[str, ...]:
     """--meta-tasks: the tasks of the group that meta-training uses.
 
-    On a CPU budget the big gridworlds' agents never learn within a lifetime (Adam needs ~1e6 env steps there), so
-    their meta-gradients are noise (small, or with a sign that flips between meta-steps) at 15x a small grid's
-    cost.
+    On a CPU budget the big gridworlds' agents never learn within a lifetime, so their meta-gradients are noise
+    (small, or with a sign that flips between meta-steps) at many times a small grid's cost (docs/design.md).
     """
     small = tuple(t for t in group if t.startswith("small_"))
     return small if args.meta_tasks == "small" and small else group
@@ -771,114 +708,6 @@ def meta_task_names(args: Args, group: tuple[str, ...]) -> tuple[str, ...]:
 def env_steps_per_meta_step(args: Args) -> int:
     """Per task: every agent collects K + 1 rollouts (K inner updates and the meta-loss rollout)."""
     return args.num_agents * args.num_envs * (args.inner_updates + 1) * args.rollout_steps
-
-
-# ================================================================================================
-# Checkpoints
-# ================================================================================================
-
-
-def run_dir(args: Args) -> str:
-    return os.path.join(args.out_dir, args.run_name or f"{args.env_group}_{args.lopt}_s{args.seed}")
-
-
-def resume_settings(args: Args) -> dict:
-    """Settings that must not change when a run is resumed (meta_steps may grow; agents_per_chunk only trades memory
-    for speed)."""
-    skip = {"resume", "meta_steps", "save_every", "log_every", "eval_only", "lopt_path", "eval_tasks", "eval_seeds", "eval_steps",
-            "eval_envs", "max_bad_steps", "out_dir", "run_name", "distributed", "coordinator_address",
-            "num_processes", "process_id", "agents_per_chunk", "time_limit", "eval_reserve", "final_eval", "val_every"}
-    return {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
-
-
-TRAIN_STATE = "train_state.npy"  # the whole MetaState, for --resume: a JSON header, then its leaves
-
-
-def optimizer_checkpoint(args: Args, lopt_params, init_params, meta_step: int, **extra) -> dict:
-    """What optimizer.msgpack holds: the network's config and parameters, and how they were made."""
-    return {"config": lopt_config(args), "params": lopt_params, "init_params": init_params, "meta_step": meta_step,
-            "command": "python train_lopt.py " + " ".join(sys.argv[1:]), "settings": json.dumps(dataclasses.asdict(args)),
-            **extra}
-
-
-def host_copy(tree):
-    """A replicated pytree on the host; with several processes, gathered first (every process must call this)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        tree = multihost_utils.process_allgather(tree)
-    return jax.device_get(tree)
-
-
-class Checkpointer:
-    """Each save copies the train state (the whole population, 12 GB at the paper's scale) to the host; a background
-    thread then writes it, and optimizer.msgpack (small and portable), while meta-training goes on.
-
-    Both writes are atomic. The state goes out in numpy's .npy format, a copy and a write: orbax spent 212 ms of
-    CPU on each save of a 41 MB state, 20x this, which on 2 cores slowed meta-training by 11% at --save-every 1
-    (benchmarks/bench_checkpoint.py).
-    """
-
-    def __init__(self, folder: str, args: Args):
-        self.folder, self.args = folder, args
-        self.writer = ThreadPoolExecutor(max_workers=1)
-        self.pending = None  # the background write in progress
-        self.buffers = None  # host copies of the state's leaves, reused by every save
-        self.blocked_s = 0.0  # the longest a save has held up meta-training
-
-    def save(self, state: MetaState, init_params, bad_steps: int) -> None:
-        start, step = time.time(), int(state.meta_step)
-        self.wait()
-        host = host_copy(state)
-        if jax.process_index() == 0:
-            leaves = self._own_copies(list(map(np.asarray, jax.tree.leaves(host))))
-            header = {"settings": resume_settings(self.args), "bad_steps": bad_steps, "meta_step": step}
-            optimizer = optimizer_checkpoint(self.args, host.lopt_params, init_params, step)
-            self.pending = self.writer.submit(self._write, header, leaves, optimizer)
-        self.blocked_s = max(self.blocked_s, time.time() - start)
-
-    def _own_copies(self, leaves: list[np.ndarray]) -> list[np.ndarray]:
-        """On a CPU the host arrays are views of the device buffers, which the next meta-step donates: copy those,
-        into buffers kept from save to save (fresh ones cost page faults: 2.5 ms for 41 MB became up to 80 ms)."""
-        if self.buffers is None or [b.shape for b in self.buffers] != [x.shape for x in leaves]:
-            self.buffers = [np.empty_like(x) for x in leaves]
-        for buffer, x in zip(self.buffers, leaves):
-            if not x.flags.owndata:
-                np.copyto(buffer, x)
-        return [x if x.flags.owndata else buffer for buffer, x in zip(self.buffers, leaves)]
-
-    def _write(self, header: dict, leaves: list[np.ndarray], optimizer: dict) -> None:
-        # In the background, fsyncs included (each one took tens of ms on this machine's disk).
-        save_arrays(os.path.join(self.folder, TRAIN_STATE), header, leaves)
-        save_msgpack(os.path.join(self.folder, "optimizer.msgpack"), optimizer)
-
-    def restore(self, template: MetaState) -> tuple[MetaState, int]:
-        """The saved train state as host arrays shaped like `template`; a run with other settings is a UserError."""
-        path = os.path.join(self.folder, TRAIN_STATE)
-        header, leaves = load_arrays(path)
-        changed = sorted(k for k, v in resume_settings(self.args).items() if header["settings"].get(k) != v)
-        if changed:
-            raise UserError(f"cannot resume {path}: settings differ from the saved run ({', '.join(changed)})")
-        expected = [(np.shape(x), np.dtype(x.dtype)) for x in jax.tree.leaves(template)]
-        if [(x.shape, x.dtype) for x in leaves] != expected:
-            raise UserError(f"cannot resume {path}: the saved state does not match this program's")
-        return jax.tree.unflatten(jax.tree.structure(template), leaves), int(header["bad_steps"])
-
-    def wait(self) -> None:
-        """Block until the background write is on disk; a failed write raises here."""
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.result()
-
-    def __enter__(self) -> "Checkpointer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        """A run that ends, or is interrupted, leaves its last save complete."""
-        try:
-            self.wait()
-        finally:
-            self.writer.shutdown()
 
 
 # ================================================================================================
@@ -1110,6 +939,360 @@ def summarize(results: dict) -> dict:
     return {"informative_tasks": informative, "per_task": per_task, "aggregate": aggregate}
 
 
+class Validator:
+    """Scores optimizer parameters during meta-training: the mean normalised return of fresh agents trained with
+    them (--val-seeds x --val-steps per task), over the meta-training tasks where tuned Adam beats random.
+
+    Tuned Adam (the lr sweep of the final evaluation, on the same validation seeds; cached) and the random policy
+    are the normalisers. The seeds come from the validation stream, never the final evaluation's agents.
+    """
+
+    def __init__(self, args: Args, task_names, log=print):
+        start, evaluators, self.baselines = time.time(), {}, {}
+        cache = BaselineCache(os.path.join(args.out_dir, "baseline_cache"))
+        self.keys = {}
+        for name in task_names:
+            evaluators[name] = evaluator = TaskEvaluator(args, name, lopt_config(args), args.val_steps)
+            adam_lr, sweep = tune_learning_rate(
+                lambda grid: cache.returns(evaluator, "adam", VAL_STREAM, args.val_seeds, grid), LR_GRID)
+            rand = cache.returns(evaluator, "random", VAL_STREAM, args.val_seeds, [0.0])[0.0]
+            self.baselines[name] = {"adam": sweep[adam_lr], "random": rand}
+            self.keys[name] = evaluation_keys(name, VAL_STREAM, args.val_seeds, "--val-seeds")
+        # Tasks where Adam does not beat random at this budget would add noise; if that is all of them, use all.
+        informative = [t for t in task_names if adam_beats_random(self.baselines[t])] or list(task_names)
+        self.evaluators = {t: evaluators[t] for t in informative}
+        log(f"validation on {', '.join(informative)} ({args.val_seeds} seeds x {args.val_steps:,} env steps, "
+            f"normalised by tuned Adam); baselines took {format_duration(time.time() - start)}")
+        self.baselines_s = time.time() - start
+
+    def __call__(self, lopt_params) -> float:
+        return float(np.mean([np.mean(normalized_scores({"lopt": e.lopt(lopt_params, self.keys[name]),
+                                                          **self.baselines[name]}, "lopt"))
+                              for name, e in self.evaluators.items()]))
+
+
+# ================================================================================================
+# Speed-only code: equivalent to plain flax, faster on CPU; a reader of the method can skip this
+# ================================================================================================
+# Read CoordinateGRUCell as flax's nn.GRUCell, the optimizers' output layers as plain nn.Dense, and Conv2x2 as
+# nn.Conv(features, (2, 2)): same parameters, same results (tests/test_train_lopt.py checks each). Why they are
+# faster: docs/design.md, "Where the optimizer's time goes" and "Agents' convolution"; benchmarks/bench_lopt.py.
+
+
+@jax.custom_vjp
+def coordinate_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x @ kernel for a handful of features per coordinate ([N, I] @ [I, O], I and O at most the hidden size).
+
+    Plain code: `x @ kernel`. Written as I broadcast products, which XLA fuses with the GRU's gates into one pass
+    over the coordinates, where a dot would write each [N, O] product to memory and read it back.
+    Same values and gradients: tests/test_train_lopt.py::test_coordinate_gru_matches_flax_gru.
+    """
+    return sum(x[..., i, None] * kernel[i] for i in range(kernel.shape[0]))
+
+
+def _coordinate_matmul_fwd(x, kernel):
+    return coordinate_matmul(x, kernel), (x, kernel)
+
+
+def _coordinate_matmul_bwd(residuals, dy):
+    # The kernel's gradient is a reduction over all coordinates: one dot, rather than the I x O separate reductions
+    # that differentiating the broadcast products would give, which made the meta-gradient slower than flax's dots.
+    x, kernel = residuals
+    return coordinate_matmul(dy, kernel.T), jnp.einsum("...i,...o->io", x, dy)
+
+
+coordinate_matmul.defvjp(_coordinate_matmul_fwd, _coordinate_matmul_bwd)
+
+
+def coordinate_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """nn.Dense's dot_general (inputs' last axis against the kernel's first), computed by coordinate_matmul.
+
+    Plain code: nn.Dense without the dot_general argument (the optimizers' output layers, _zero_dense, and the
+    GRU's layers). Same values and gradients: tests/test_train_lopt.py::test_coordinate_gru_matches_flax_gru.
+    """
+    del dimension_numbers, precision, preferred_element_type  # nn.Dense always contracts those two axes
+    return coordinate_matmul(lhs, rhs)
+
+
+class CoordinateGRUCell(nn.GRUCell):
+    """flax's GRUCell with the same parameters (checkpoints are interchangeable), its matmuls coordinate-wise.
+
+    Plain code: `nn.GRUCell(hidden_size, kernel_init=...)`. Same parameters, values and gradients, also under vmap:
+    tests/test_train_lopt.py::test_coordinate_gru_matches_flax_gru. The learned optimizer also runs in chunks of
+    coordinates during meta-training (learned_optimizer's chunk_size, for memory); that it gives the same updates
+    and meta-gradient as one pass: tests/test_train_lopt.py::test_chunked_optimizer_matches_unchunked.
+    """
+
+    @nn.compact
+    def __call__(self, carry, inputs):
+        h = carry
+        dense = partial(nn.Dense, h.shape[-1], bias_init=self.bias_init, dot_general=coordinate_dot_general)
+        dense_h = partial(dense, use_bias=False, kernel_init=self.recurrent_kernel_init)
+        dense_i = partial(dense, kernel_init=self.kernel_init)
+        r = self.gate_fn(dense_i(name="ir")(inputs) + dense_h(name="hr")(h))
+        z = self.gate_fn(dense_i(name="iz")(inputs) + dense_h(name="hz")(h))
+        n = self.activation_fn(dense_i(name="in")(inputs) + r * dense_h(name="hn", use_bias=True)(h))
+        h = (1.0 - z) * n + z * h
+        return h, h
+
+
+class Conv2x2(nn.Module):
+    """`nn.Conv(features, (2, 2))` (SAME padding, same parameters and init), computed as patches @ kernel.
+
+    Plain code: `nn.Conv(features, (2, 2))`. Agents are vmapped with one kernel each, which XLA:CPU lowers to a
+    grouped convolution, far slower than this matmul form. Same parameters and output:
+    tests/test_train_lopt.py::test_conv2x2_matches_flax_conv.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):  # (batch, H, W, C)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        height, width = x.shape[1:3]
+        padded = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))  # SAME for a 2x2 kernel pads after, by one
+        patches = jnp.concatenate([padded[:, i : i + height, j : j + width] for i in (0, 1) for j in (0, 1)], -1)
+        return patches @ kernel.reshape(-1, self.features) + bias
+
+
+# ================================================================================================
+# Plumbing: checkpoints, time limit, metrics, plots, main; a reader of the method can skip this
+# ================================================================================================
+
+# --- Checkpoints and devices ---
+
+
+def run_dir(args: Args) -> str:
+    return os.path.join(args.out_dir, args.run_name or f"{args.env_group}_{args.lopt}_s{args.seed}")
+
+
+def resume_settings(args: Args) -> dict:
+    """Settings that must not change when a run is resumed: every Args field not annotated MayChange."""
+    hints = get_type_hints(Args, include_extras=True)
+    may_change = {name for name, hint in hints.items() if MayChange in getattr(hint, "__metadata__", ())}
+    return {k: v for k, v in dataclasses.asdict(args).items() if k not in may_change}
+
+
+def changed_settings(saved: dict, args: Args) -> list[str]:
+    """The resume_settings that differ from a saved run's. A setting the saved run predates counts as the field's
+    default, so adding a flag with a default does not stop older runs from resuming."""
+    defaults = {field.name: field.default for field in dataclasses.fields(Args)}
+    return sorted(k for k, v in resume_settings(args).items() if saved.get(k, defaults[k]) != v)
+
+
+TRAIN_STATE = "train_state.npy"  # the whole MetaState, for --resume: a JSON header, then its leaves
+
+
+def optimizer_checkpoint(args: Args, lopt_params, init_params, meta_step: int, **extra) -> dict:
+    """What optimizer.msgpack holds: the network's config and parameters, and how they were made."""
+    return {"config": lopt_config(args), "params": lopt_params, "init_params": init_params, "meta_step": meta_step,
+            "command": "python train_lopt.py " + " ".join(sys.argv[1:]),
+            "settings": json.dumps(dataclasses.asdict(args)), **extra}
+
+
+def read_optimizer_checkpoint(path: str) -> dict:
+    """Checkpoint dict with 'config', 'params', 'init_params'; a missing, corrupt or foreign file is a UserError."""
+    tree = load_msgpack(path)
+    config = tree.get("config")
+    if not isinstance(config, dict) or config.get("lopt") not in LOPTS or "params" not in tree:
+        raise UserError(f"{path} is not a learned-optimizer checkpoint of this project")
+    config = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in config.items()}
+    try:
+        template = init_lopt_params(make_lopt_net(config), jax.random.PRNGKey(0))
+        restore = lambda params: serialization.from_state_dict(template, params)  # noqa: E731
+        params = restore(tree["params"])
+        init_params = restore(tree.get("init_params", tree["params"]))
+        shapes_match = jax.tree.map(lambda a, b: np.shape(a) == np.shape(b), template, params)
+        if not all(jax.tree.leaves(shapes_match)):
+            raise ValueError("parameter shapes differ from the config's network")
+    except Exception as error:  # whatever a malformed file breaks, the user needs the file's name
+        raise UserError(f"{path} does not match the network it describes ({type(error).__name__}: {error})")
+    val_score = tree.get("val_score")  # in optimizer_best.msgpack: the validation score that made it the best
+    return {"config": config, "params": params, "init_params": init_params, "meta_step": int(tree.get("meta_step", 0)),
+            "val_score": None if val_score is None else float(val_score)}
+
+
+def host_copy(tree):
+    """A replicated pytree on the host; with several processes, gathered first (every process must call this)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        tree = multihost_utils.process_allgather(tree)
+    return jax.device_get(tree)
+
+
+def population_sharding(size: int, flag: str) -> NamedSharding:
+    """Split a leading axis of `size` agents (or seeds) evenly over all visible devices, on all hosts."""
+    devices = jax.device_count()
+    if size % devices:
+        raise UserError(f"{flag} {size} must be a multiple of the device count ({devices})")
+    # Auto axis: XLA propagates the split through the vmapped agents and inserts the meta-gradient's all-reduce.
+    mesh = jax.make_mesh((devices,), ("population",), axis_types=(jax.sharding.AxisType.Auto,))
+    return NamedSharding(mesh, PartitionSpec("population"))
+
+
+class Checkpointer:
+    """Each save copies the train state (the whole population: large at the paper's scale) to the host; a background
+    thread then writes it, and optimizer.msgpack (small and portable), while meta-training goes on.
+
+    Both writes are atomic. The state goes out in numpy's .npy format, a copy and a write, so a save takes little
+    CPU from meta-training (why not orbax: docs/design.md; benchmarks/bench_checkpoint.py).
+    """
+
+    def __init__(self, folder: str, args: Args):
+        self.folder, self.args = folder, args
+        self.writer = ThreadPoolExecutor(max_workers=1)
+        self.pending = None  # the background write in progress
+        self.buffers = None  # host copies of the state's leaves, reused by every save
+        self.blocked_s = 0.0  # the longest a save has held up meta-training
+
+    def save(self, state: MetaState, init_params, bad_steps: int) -> None:
+        start, step = time.time(), int(state.meta_step)
+        self.wait()
+        host = host_copy(state)
+        if jax.process_index() == 0:
+            leaves = self._own_copies(list(map(np.asarray, jax.tree.leaves(host))))
+            header = {"settings": resume_settings(self.args), "bad_steps": bad_steps, "meta_step": step}
+            optimizer = optimizer_checkpoint(self.args, host.lopt_params, init_params, step)
+            self.pending = self.writer.submit(self._write, header, leaves, optimizer)
+        self.blocked_s = max(self.blocked_s, time.time() - start)
+
+    def _own_copies(self, leaves: list[np.ndarray]) -> list[np.ndarray]:
+        """On a CPU the host arrays are views of the device buffers, which the next meta-step donates: copy those,
+        into buffers kept from save to save (fresh ones would cost page faults at every save)."""
+        if self.buffers is None or [b.shape for b in self.buffers] != [x.shape for x in leaves]:
+            self.buffers = [np.empty_like(x) for x in leaves]
+        for buffer, x in zip(self.buffers, leaves):
+            if not x.flags.owndata:
+                np.copyto(buffer, x)
+        return [x if x.flags.owndata else buffer for buffer, x in zip(self.buffers, leaves)]
+
+    def _write(self, header: dict, leaves: list[np.ndarray], optimizer: dict) -> None:
+        # In the background, fsyncs included: they wait for the disk.
+        save_arrays(os.path.join(self.folder, TRAIN_STATE), header, leaves)
+        save_msgpack(os.path.join(self.folder, "optimizer.msgpack"), optimizer)
+
+    def restore(self, template: MetaState) -> tuple[MetaState, int]:
+        """The saved train state as host arrays shaped like `template`; a run with other settings is a UserError."""
+        path = os.path.join(self.folder, TRAIN_STATE)
+        header, leaves = load_arrays(path)
+        changed = changed_settings(header["settings"], self.args)
+        if changed:
+            raise UserError(f"cannot resume {path}: settings differ from the saved run ({', '.join(changed)})")
+        expected = [(np.shape(x), np.dtype(x.dtype)) for x in jax.tree.leaves(template)]
+        if [(x.shape, x.dtype) for x in leaves] != expected:
+            raise UserError(f"cannot resume {path}: the saved state does not match this program's")
+        return jax.tree.unflatten(jax.tree.structure(template), leaves), int(header["bad_steps"])
+
+    def wait(self) -> None:
+        """Block until the background write is on disk; a failed write raises here."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """A run that ends, or is interrupted, leaves its last save complete."""
+        try:
+            self.wait()
+        finally:
+            self.writer.shutdown()
+
+
+# --- Time limit ---
+
+
+class Deadline:
+    """--time-limit: whether another piece of work of a given length still fits, with the final evaluation's
+    share (--eval-reserve) kept free."""
+
+    def __init__(self, args: Args, clock_start: float):
+        self.limit, self.start, self.args = args.time_limit, clock_start, args
+        default_reserve = 0.25 * args.time_limit if args.time_limit and args.final_eval else 0.0
+        self.reserve = default_reserve if args.eval_reserve is None else args.eval_reserve
+
+    def estimate_evaluation(self, baselines_s: float) -> None:
+        """Without --eval-reserve, keep what the final evaluation should take, judged by the validation's two
+        baselines (compilation included): it trains five optimizers, on the evaluation's seeds and steps."""
+        if self.limit and self.args.final_eval and self.args.eval_reserve is None:
+            work = (self.args.eval_seeds * self.args.eval_steps) / (self.args.val_seeds * self.args.val_steps)
+            self.reserve = 2.5 * baselines_s * work
+
+    def allows(self, seconds: float) -> bool:
+        return self.limit is None or time.time() - self.start + seconds + self.reserve <= self.limit
+
+
+# --- Metrics, plots and the evaluation report ---
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def write_metrics(path: str, rows: list[dict], append: bool = False) -> None:
+    """metrics.csv: one row per log line; the header comes from the first row ever written. A failed write (a full
+    disk) is a UserError; --resume drops rows newer than the train state, so a torn last row does not stay."""
+    new_file = not append or not os.path.exists(path) or os.path.getsize(path) == 0
+    try:
+        with open(path, "a" if append else "w", newline="") as f:
+            if rows:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                if new_file:
+                    writer.writeheader()
+                writer.writerows(rows)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def metrics_row(done, steps_per_meta_step, bad_steps, returns, meta_losses, task_names, val_score) -> dict:
+    """One metrics.csv row; every row has every column (empty where nothing was measured)."""
+    row = {"meta_step": done, "env_steps": done * steps_per_meta_step, "time": time.time(), "bad_steps": bad_steps}
+    row.update({f"return/{t}": returns.get(t, "") for t in task_names})
+    row.update({f"meta_loss/{t}": meta_losses.get(t, "") for t in task_names})
+    row["val_score"] = "" if val_score is None else val_score
+    return row
+
+
+def plot_metrics(csv_path: str, png_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(csv_path)
+    if not rows:
+        return
+
+    def series(column):  # (meta-steps, values) of the rows where the column was measured
+        kept = [r for r in rows if r.get(column, "") != ""]
+        return [int(r["meta_step"]) for r in kept], [float(r[column]) for r in kept]
+
+    tasks = [k[len("return/"):] for k in rows[0] if k.startswith("return/")]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    for t in tasks:
+        axes[0].plot(*series(f"return/{t}"), label=t)
+        axes[1].plot(*series(f"meta_loss/{t}"), label=t)
+    axes[0].set(xlabel="meta-step", ylabel="mean episode return (population, per log interval)",
+                title="agents during meta-training")
+    axes[1].set(xlabel="meta-step", ylabel="meta-loss", title="meta-loss per task", yscale="symlog")
+    axes[0].legend(fontsize=7)
+    steps, scores = series("val_score")
+    if scores:
+        best = int(np.argmax(scores))
+        axes[2].plot(steps, scores, "o-", label="validation score")
+        axes[2].plot(steps[best], scores[best], "r*", markersize=14, label=f"best (meta-step {steps[best]})")
+        axes[2].axhline(1.0, color="gray", ls="--", lw=1, label="Adam")
+        axes[2].legend(fontsize=7)
+    axes[2].set(xlabel="meta-step", ylabel="normalised return (0 random, 1 Adam)", title="validation")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+
+
 def format_lr(lr) -> str:
     return "" if lr is None else f"{lr:.0e}".replace("e-0", "e-")
 
@@ -1159,102 +1342,7 @@ def write_eval(folder: str, args: Args, results: dict, lopt_path: str, lopt_step
     return report
 
 
-class Validator:
-    """Scores optimizer parameters during meta-training: the mean normalised return of fresh agents trained with
-    them (--val-seeds x --val-steps per task), over the meta-training tasks where tuned Adam beats random.
-
-    Tuned Adam (the lr sweep of the final evaluation, on the same validation seeds; cached) and the random policy
-    are the normalisers. The seeds come from the validation stream, never the final evaluation's agents.
-    """
-
-    def __init__(self, args: Args, task_names, log=print):
-        start, evaluators, self.baselines = time.time(), {}, {}
-        cache = BaselineCache(os.path.join(args.out_dir, "baseline_cache"))
-        self.keys = {}
-        for name in task_names:
-            evaluators[name] = evaluator = TaskEvaluator(args, name, lopt_config(args), args.val_steps)
-            adam_lr, sweep = tune_learning_rate(
-                lambda grid: cache.returns(evaluator, "adam", VAL_STREAM, args.val_seeds, grid), LR_GRID)
-            rand = cache.returns(evaluator, "random", VAL_STREAM, args.val_seeds, [0.0])[0.0]
-            self.baselines[name] = {"adam": sweep[adam_lr], "random": rand}
-            self.keys[name] = evaluation_keys(name, VAL_STREAM, args.val_seeds, "--val-seeds")
-        # Tasks where Adam does not beat random at this budget would add noise; if that is all of them, use all.
-        informative = [t for t in task_names if adam_beats_random(self.baselines[t])] or list(task_names)
-        self.evaluators = {t: evaluators[t] for t in informative}
-        log(f"validation on {', '.join(informative)} ({args.val_seeds} seeds x {args.val_steps:,} env steps, "
-            f"normalised by tuned Adam); baselines took {format_duration(time.time() - start)}")
-        self.baselines_s = time.time() - start
-
-    def __call__(self, lopt_params) -> float:
-        return float(np.mean([np.mean(normalized_scores({"lopt": e.lopt(lopt_params, self.keys[name]),
-                                                          **self.baselines[name]}, "lopt"))
-                              for name, e in self.evaluators.items()]))
-
-
-# ================================================================================================
-# Logging
-# ================================================================================================
-
-
-def plot_metrics(csv_path: str, png_path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(csv_path)
-    if not rows:
-        return
-
-    def series(column):  # (meta-steps, values) of the rows where the column was measured
-        kept = [r for r in rows if r.get(column, "") != ""]
-        return [int(r["meta_step"]) for r in kept], [float(r[column]) for r in kept]
-
-    tasks = [k[len("return/"):] for k in rows[0] if k.startswith("return/")]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-    for t in tasks:
-        axes[0].plot(*series(f"return/{t}"), label=t)
-        axes[1].plot(*series(f"meta_loss/{t}"), label=t)
-    axes[0].set(xlabel="meta-step", ylabel="mean episode return (population, per log interval)",
-                title="agents during meta-training")
-    axes[1].set(xlabel="meta-step", ylabel="meta-loss", title="meta-loss per task", yscale="symlog")
-    axes[0].legend(fontsize=7)
-    steps, scores = series("val_score")
-    if scores:
-        best = int(np.argmax(scores))
-        axes[2].plot(steps, scores, "o-", label="validation score")
-        axes[2].plot(steps[best], scores[best], "r*", markersize=14, label=f"best (meta-step {steps[best]})")
-        axes[2].axhline(1.0, color="gray", ls="--", lw=1, label="Adam")
-        axes[2].legend(fontsize=7)
-    axes[2].set(xlabel="meta-step", ylabel="normalised return (0 random, 1 Adam)", title="validation")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=90)
-    plt.close(fig)
-
-
-# ================================================================================================
-# Main
-# ================================================================================================
-
-
-class Deadline:
-    """--time-limit: whether another piece of work of a given length still fits, with the final evaluation's
-    share (--eval-reserve) kept free."""
-
-    def __init__(self, args: Args, clock_start: float):
-        self.limit, self.start, self.args = args.time_limit, clock_start, args
-        default_reserve = 0.25 * args.time_limit if args.time_limit and args.final_eval else 0.0
-        self.reserve = default_reserve if args.eval_reserve is None else args.eval_reserve
-
-    def estimate_evaluation(self, baselines_s: float) -> None:
-        """Without --eval-reserve, keep what the final evaluation should take, judged by the validation's two
-        baselines (compilation included): it trains five optimizers, on the evaluation's seeds and steps."""
-        if self.limit and self.args.final_eval and self.args.eval_reserve is None:
-            work = (self.args.eval_seeds * self.args.eval_steps) / (self.args.val_seeds * self.args.val_steps)
-            self.reserve = 2.5 * baselines_s * work
-
-    def allows(self, seconds: float) -> bool:
-        return self.limit is None or time.time() - self.start + seconds + self.reserve <= self.limit
+# --- The meta-training loop, and main ---
 
 
 class MetaTrainResult(NamedTuple):
@@ -1264,26 +1352,6 @@ class MetaTrainResult(NamedTuple):
     best_step: int
     best_score: float | None  # validation score of best_params (None without validation)
     meta_step: int  # meta-steps done; below --meta-steps when --time-limit stopped the run
-
-
-def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def write_metrics(path: str, rows: list[dict], append: bool = False) -> None:
-    """metrics.csv: one row per log line; the header comes from the first row ever written. A failed write (a full
-    disk) is a UserError; --resume drops rows newer than the train state, so a torn last row does not stay."""
-    new_file = not append or not os.path.exists(path) or os.path.getsize(path) == 0
-    try:
-        with open(path, "a" if append else "w", newline="") as f:
-            if rows:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                if new_file:
-                    writer.writeheader()
-                writer.writerows(rows)
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def meta_train(args: Args, task_names, folder: str, clock_start: float | None = None) -> MetaTrainResult:
@@ -1413,15 +1481,6 @@ def meta_train(args: Args, task_names, folder: str, clock_start: float | None = 
         if best is None:
             return MetaTrainResult(lopt_params, init_params, lopt_params, done, None, done)
         return MetaTrainResult(lopt_params, init_params, best[2], best[1], best[0], done)
-
-
-def metrics_row(done, steps_per_meta_step, bad_steps, returns, meta_losses, task_names, val_score) -> dict:
-    """One metrics.csv row; every row has every column (empty where nothing was measured)."""
-    row = {"meta_step": done, "env_steps": done * steps_per_meta_step, "time": time.time(), "bad_steps": bad_steps}
-    row.update({f"return/{t}": returns.get(t, "") for t in task_names})
-    row.update({f"meta_loss/{t}": meta_losses.get(t, "") for t in task_names})
-    row["val_score"] = "" if val_score is None else val_score
-    return row
 
 
 def main(args: Args, clock_start: float | None = None) -> None:

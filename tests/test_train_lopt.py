@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from functools import partial
 from types import SimpleNamespace
 
@@ -31,7 +32,7 @@ import optax
 import pytest
 
 import train_lopt as tl
-from common import ENV_GROUPS, UserError, flag_name, load_msgpack, save_msgpack
+from common import ENV_GROUPS, UserError, flag_name, load_msgpack, save_arrays, save_msgpack
 from train_lopt import (
     EVAL_NAMES,
     L2L,
@@ -566,6 +567,35 @@ def test_resume_matches_uninterrupted(trained, full4, tmp_path):
     rows = read_rows(os.path.join(part, "metrics.csv"))
     assert [int(r["meta_step"]) for r in rows] == [1, 2, 3, 4]
     assert [r["return/catch"] for r in rows] == [r["return/catch"] for r in read_rows(os.path.join(full, "metrics.csv"))]
+
+
+def test_resume_compares_the_fields_not_marked_may_change(tmp_path):
+    """The rule is declared on the Args fields: one annotated MayChange may differ on --resume, an unmarked one must
+    match; a setting that a saved header lacks counts as the field's default, so an old run still resumes."""
+    hints = typing.get_type_hints(Args, include_extras=True)
+    marked = {name for name, hint in hints.items() if tl.MayChange in getattr(hint, "__metadata__", ())}
+    assert marked == {"resume", "meta_steps", "save_every", "log_every", "eval_only", "lopt_path", "eval_tasks",
+                      "eval_seeds", "eval_steps", "eval_envs", "max_bad_steps", "out_dir", "run_name", "distributed",
+                      "coordinator_address", "num_processes", "process_id", "agents_per_chunk", "time_limit",
+                      "eval_reserve", "final_eval", "val_every"}
+    assert set(tl.resume_settings(tiny_args())) == {f.name for f in dataclasses.fields(Args)} - marked
+    saved = tl.resume_settings(tiny_args())
+
+    def restore(settings: dict, args: Args):
+        header = {"settings": settings, "bad_steps": 0, "meta_step": 1}
+        save_arrays(str(tmp_path / tl.TRAIN_STATE), header, [np.ones(3, np.float32)])
+        with tl.Checkpointer(str(tmp_path), args) as checkpointer:
+            return checkpointer.restore({"x": np.zeros(3, np.float32)})
+
+    restore(saved, tiny_args(meta_steps=9, save_every=3))  # marked MayChange: skipped
+    with pytest.raises(UserError, match="lopt_lr"):  # unmarked: compared
+        restore(saved, tiny_args(lopt_lr=2e-3))
+    older = {k: v for k, v in saved.items() if k != "entropy_coef"}  # a header from before --entropy-coef existed
+    assert tiny_args().entropy_coef == Args().entropy_coef
+    state, bad_steps = restore(older, tiny_args())  # at its default: resumes
+    assert bad_steps == 0 and np.array_equal(state["x"], np.ones(3))
+    with pytest.raises(UserError, match="entropy_coef"):  # not at its default: the saved run used the default
+        restore(older, tiny_args(entropy_coef=0.1))
 
 
 def test_logged_metrics_average_the_log_interval(trained, tmp_path):
