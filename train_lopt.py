@@ -103,6 +103,9 @@ class Args:
     docs/results.md)"""
     meta_grad_clip: float = 1.0
     """clip the (task-averaged) meta-gradient to this global norm"""
+    meta_value_coef: float = 0.5
+    """weight of the value term in the meta-loss (0.5: the A2C loss the agents minimise, as in the paper; 0: the
+    policy and entropy terms only, so shrinking value errors cannot lower the meta-loss by itself)"""
     lopt_lr: float = 3e-3
     """learning rate multiplying the learned optimizer's output (Adam's evaluation lr: at meta-step 0 the optimizer
     is sign-SGD at this lr, which must be large enough for sign-SGD to learn the small grids)"""
@@ -451,8 +454,13 @@ class Task:
         (env_state, obs), traj = jax.lax.scan(step, (env_state, obs), jax.random.split(key, self.rollout_steps))
         return traj, env_state, obs
 
-    def loss(self, params, traj: Transition, last_obs):
-        """A2C: policy gradient + 0.5 * mean squared TD(lambda) error - entropy_coef * entropy."""
+    def loss(self, params, traj: Transition, last_obs, value_coef: float = 0.5):
+        """A2C: policy gradient + value_coef * mean squared TD(lambda) error - entropy_coef * entropy."""
+        policy_loss, value_loss, entropy = self.loss_terms(params, traj, last_obs)
+        return policy_loss + value_coef * value_loss - self.entropy_coef * entropy
+
+    def loss_terms(self, params, traj: Transition, last_obs):
+        """(policy-gradient loss, mean squared TD(lambda) error, entropy) of the A2C loss."""
         steps, envs = traj.action.shape
         all_obs = jnp.concatenate([traj.obs, last_obs[None]]).reshape(-1, *last_obs.shape[1:])
         logits, values = self.net.apply(params, all_obs)
@@ -465,7 +473,7 @@ class Task:
         policy_loss = -jnp.mean(action_log_prob * advantages)
         value_loss = jnp.mean(jnp.square(targets - values[:-1]))
         entropy = -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, -1))
-        return policy_loss + 0.5 * value_loss - self.entropy_coef * entropy
+        return policy_loss, value_loss, entropy
 
 
 def lambda_returns(rewards, dones, values, gamma, lam):
@@ -537,20 +545,27 @@ def all_finite(tree) -> jax.Array:
 # ================================================================================================
 
 
-def agent_meta_loss(lopt_params, task: Task, agent: Agent, reset_key, reset_now, make_tx, inner_updates: int):
-    """(meta-loss, (agent, return sum, episode count)) of one agent, differentiable in lopt_params.
+META_DIAGNOSTICS = ("policy", "value", "entropy", "step")  # per agent, logged per task (see agent_meta_loss)
+
+
+def agent_meta_loss(lopt_params, task: Task, agent: Agent, reset_key, reset_now, make_tx, inner_updates: int,
+                    meta_value_coef: float = 0.5):
+    """(meta-loss, (agent, return sum, episode count, diagnostics)) of one agent, differentiable in lopt_params.
 
     The agent is first replaced by a fresh one if its reset is due (reset_now) or its parameters are no longer
     finite. It then takes inner_updates A2C updates with the learned optimizer make_tx(lopt_params): the
     meta-gradient flows through the optimizer's updates, the rollouts and the agent's gradients are constants to it.
-    The meta-loss is the A2C loss of the updated agent on its next rollout. The returned agent, after that rollout,
-    carries no meta-gradient: it continues at the next meta-step.
+    The meta-loss is the A2C loss of the updated agent on its next rollout, its value term weighted by
+    meta_value_coef (0.5: the agents' own loss). The returned agent, after that rollout, carries no meta-gradient:
+    it continues at the next meta-step. The diagnostics (no gradient) are the meta-loss's three terms and the mean
+    absolute parameter change per inner update, which is lr for sign-SGD (Optim4RL at meta-step 0).
     """
     tx = make_tx(lopt_params)
     # Reset on schedule, or if the agent diverged (non-finite parameters).
     fresh = init_agent(task, tx, reset_key)
     reset_now = reset_now | ~all_finite(agent.params)
     agent = jax.tree.map(lambda a, b: jnp.where(reset_now, a, b), fresh, agent)
+    start_params = ravel_pytree(jax.lax.stop_gradient(agent.params))[0]
 
     def inner(agent, _):
         return a2c_step(task, tx, agent, stop_meta_gradient=True)
@@ -559,10 +574,13 @@ def agent_meta_loss(lopt_params, task: Task, agent: Agent, reset_key, reset_now,
     # Meta-loss: the A2C loss of the updated agent on the next rollout.
     key, key_rollout = jax.random.split(agent.key)
     traj, env_state, obs = task.rollout(jax.lax.stop_gradient(agent.params), agent.env_state, agent.obs, key_rollout)
-    meta_loss = task.loss(agent.params, traj, obs)
+    policy_loss, value_loss, entropy = task.loss_terms(agent.params, traj, obs)
+    meta_loss = policy_loss + meta_value_coef * value_loss - task.entropy_coef * entropy
+    step = jnp.mean(jnp.abs(ravel_pytree(jax.lax.stop_gradient(agent.params))[0] - start_params)) / inner_updates
+    diagnostics = jax.lax.stop_gradient(jnp.stack([policy_loss, value_loss, entropy, step]))
     last_sum, last_count = returns_summary(traj)
     new_agent = jax.lax.stop_gradient(Agent(agent.params, agent.opt_state, env_state, obs, key))
-    return meta_loss, (new_agent, return_sum.sum() + last_sum, return_count.sum() + last_count)
+    return meta_loss, (new_agent, return_sum.sum() + last_sum, return_count.sum() + last_count, diagnostics)
 
 
 # ================================================================================================
@@ -630,7 +648,8 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
 
     def agents_meta_loss(lopt_params, task, agents, keys, reset_now):
         """Summed meta-loss of some agents of a task (vmapped), divided by the population size."""
-        one_agent = partial(agent_meta_loss, make_tx=inner_tx, inner_updates=args.inner_updates)
+        one_agent = partial(agent_meta_loss, make_tx=inner_tx, inner_updates=args.inner_updates,
+                            meta_value_coef=args.meta_value_coef)
         losses, aux = jax.vmap(one_agent, in_axes=(None, None, 0, 0, 0))(lopt_params, task, agents, keys, reset_now)
         return jnp.sum(losses) / args.num_agents, aux
 
@@ -652,29 +671,30 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
             grad_sum, population = carry
             agents = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, 1, False),
                                   (population, keys, reset_now))
-            (loss, (agents, return_sum, return_count)), grad = value_and_grad(lopt_params, task, *agents)
+            (loss, (agents, return_sum, return_count, diagnostics)), grad = value_and_grad(lopt_params, task, *agents)
             population = jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, k, 1), population, agents)
-            return (jax.tree.map(jnp.add, grad_sum, grad), population), (loss, return_sum, return_count)
+            return (jax.tree.map(jnp.add, grad_sum, grad), population), (loss, return_sum, return_count, diagnostics)
 
         zeros = jax.tree.map(jnp.zeros_like, lopt_params)
-        (grad, population), (losses, return_sum, return_count) = jax.lax.scan(
+        (grad, population), (losses, return_sum, return_count, diagnostics) = jax.lax.scan(
             chunk_step, (zeros, population), jnp.arange(num_chunks))
         population, return_sum, return_count = jax.tree.map(
             lambda x: x.reshape(args.num_agents, *x.shape[2:]), (population, return_sum.T, return_count.T))
-        return (jnp.sum(losses), (population, return_sum, return_count)), grad
+        return (jnp.sum(losses), (population, return_sum, return_count, diagnostics.mean((0, 1)))), grad
 
     def meta_step(state: MetaState):
         key, *task_keys = jax.random.split(state.key, len(tasks) + 1)
         grads, populations, metrics = [], [], []
         for task, population, task_key in zip(tasks, state.populations, task_keys):
-            (loss, (population, return_sum, return_count)), grad = population_meta_grad(
+            (loss, (population, return_sum, return_count, diagnostics)), grad = population_meta_grad(
                 state.lopt_params, task, population, task_key, state.meta_step
             )
             # Not normalised per task, as in the paper: the reward scales (1e0..1e3) weight the tasks, so the small
             # grids, whose agents learn within a lifetime, lead (README, "What changed: task weighting").
             grads.append(grad)
             populations.append(population)
-            metrics.append(dict(meta_loss=loss, return_sum=return_sum.sum(), return_count=return_count.sum()))
+            metrics.append(dict(meta_loss=loss, return_sum=return_sum.sum(), return_count=return_count.sum(),
+                                diagnostics=diagnostics))
         grad = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
         updates, meta_opt_state = meta_tx.update(grad, state.meta_opt_state, state.lopt_params)
         lopt_params = optax.apply_updates(state.lopt_params, updates)
@@ -1248,11 +1268,20 @@ def write_metrics(path: str, rows: list[dict], append: bool = False) -> None:
         raise UserError(f"cannot write {path}: {error.strerror or error}") from None
 
 
-def metrics_row(done, steps_per_meta_step, bad_steps, returns, meta_losses, task_names, val_score) -> dict:
-    """One metrics.csv row; every row has every column (empty where nothing was measured)."""
+def metrics_row(done, steps_per_meta_step, bad_steps, returns, meta_losses, task_names, val_score,
+                diagnostics=None, lopt_lr=1.0) -> dict:
+    """One metrics.csv row; every row has every column (empty where nothing was measured).
+
+    Per task: the population's return, the meta-loss and its terms (policy, value, entropy, unweighted), and
+    step_ratio: the mean absolute parameter change per update over lopt_lr, which is at most 1 for sign-SGD.
+    """
     row = {"meta_step": done, "env_steps": done * steps_per_meta_step, "time": time.time(), "bad_steps": bad_steps}
     row.update({f"return/{t}": returns.get(t, "") for t in task_names})
     row.update({f"meta_loss/{t}": meta_losses.get(t, "") for t in task_names})
+    diagnostics = diagnostics or {}
+    for name in ("policy", "value", "entropy"):
+        row.update({f"meta_{name}/{t}": diagnostics[t][name] if t in diagnostics else "" for t in task_names})
+    row.update({f"step_ratio/{t}": diagnostics[t]["step"] / lopt_lr if t in diagnostics else "" for t in task_names})
     row["val_score"] = "" if val_score is None else val_score
     return row
 
@@ -1272,10 +1301,22 @@ def plot_metrics(csv_path: str, png_path: str) -> None:
         return [int(r["meta_step"]) for r in kept], [float(r[column]) for r in kept]
 
     tasks = [k[len("return/"):] for k in rows[0] if k.startswith("return/")]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    fig, grid = plt.subplots(2, 3, figsize=(16, 8))
+    axes = grid[0]
     for t in tasks:
         axes[0].plot(*series(f"return/{t}"), label=t)
         axes[1].plot(*series(f"meta_loss/{t}"), label=t)
+        for style, name in (("-", "policy"), ("--", "value"), (":", "entropy")):
+            grid[1, 0 if name != "value" else 1].plot(*series(f"meta_{name}/{t}"), style, label=f"{t} {name}")
+        grid[1, 2].plot(*series(f"step_ratio/{t}"), label=t)
+    grid[1, 0].set(xlabel="meta-step", ylabel="term of the meta-loss (unweighted)", title="policy and entropy terms",
+                   yscale="symlog")
+    grid[1, 1].set(xlabel="meta-step", ylabel="mean squared TD error", title="value term", yscale="log")
+    grid[1, 2].axhline(1.0, color="gray", ls="--", lw=1, label="sign-SGD (at most)")
+    grid[1, 2].set(xlabel="meta-step", ylabel="mean |parameter change| per update / lopt_lr",
+                   title="the optimizer's step relative to sign-SGD")
+    for ax in grid[1]:
+        ax.legend(fontsize=7)
     axes[0].set(xlabel="meta-step", ylabel="mean episode return (population, per log interval)",
                 title="agents during meta-training")
     axes[1].set(xlabel="meta-step", ylabel="meta-loss", title="meta-loss per task", yscale="symlog")
@@ -1417,8 +1458,8 @@ def meta_train(args: Args, task_names, folder: str, clock_start: float | None = 
         consecutive_bad, compile_start, step_s = 0, time.time(), None
         timer_start, timer_step = None, None
         # Summed over the meta-steps since the last log line: one meta-step ends only a few episodes per task.
-        # Per task: return sum, count, loss sum.
-        window, step_logged = np.zeros((len(task_names), 3)), int(state.meta_step)
+        # Per task: return sum, count, loss sum, then the sums of the META_DIAGNOSTICS.
+        window, step_logged = np.zeros((len(task_names), 3 + len(META_DIAGNOSTICS))), int(state.meta_step)
         done = int(state.meta_step)
         last_saved = done if args.resume else None  # a new run has no train state to resume from yet
         for step in range(int(state.meta_step), args.meta_steps):
@@ -1435,7 +1476,7 @@ def meta_train(args: Args, task_names, folder: str, clock_start: float | None = 
             metrics = jax.device_get(metrics)
             # The first meta-step includes compilation: until a second one is timed, assume the next one is free.
             step_s = time.time() - step_start if timer_start is not None else 0.0
-            window += [[m["return_sum"], m["return_count"], m["meta_loss"]] for m in metrics["tasks"]]
+            window += [[m["return_sum"], m["return_count"], m["meta_loss"], *m["diagnostics"]] for m in metrics["tasks"]]
             if timer_start is None:  # the first step includes compilation
                 print(f"compiled and ran the first meta-step in {time.time() - compile_start:.0f}s")
                 timer_start, timer_step = time.time(), step + 1
@@ -1451,7 +1492,10 @@ def meta_train(args: Args, task_names, folder: str, clock_start: float | None = 
             if done % args.log_every == 0 or done == args.meta_steps or next_val:
                 returns = {t: w[0] / max(w[1], 1) for t, w in zip(task_names, window)}
                 meta_losses = {t: w[2] / (done - step_logged) for t, w in zip(task_names, window)}
-                row = metrics_row(done, steps_per_meta_step, bad_steps_total, returns, meta_losses, task_names, score)
+                diagnostics = {t: dict(zip(META_DIAGNOSTICS, w[3:] / (done - step_logged)))
+                               for t, w in zip(task_names, window)}
+                row = metrics_row(done, steps_per_meta_step, bad_steps_total, returns, meta_losses, task_names, score,
+                                  diagnostics, args.lopt_lr)
                 write_metrics(metrics_path, [row], append=True)
                 elapsed = time.time() - timer_start
                 rate = (done - timer_step) / elapsed if elapsed > 0 and done > timer_step else float("nan")

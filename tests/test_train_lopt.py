@@ -440,6 +440,24 @@ def test_meta_gradient_matches_finite_differences(lopt):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("meta_value_coef", [0.5, 0.0])
+def test_meta_loss_terms_and_step_diagnostic(meta_value_coef):
+    """The meta-loss is policy + meta_value_coef * value - entropy_coef * entropy of its logged terms; the logged step
+    of the untrained optimizer (sign-SGD after the clip) is at most lopt_lr per coordinate and update."""
+    args = tiny_args()
+    task = tl.Task.make("catch", args)
+    net = make_lopt_net(lopt_config(args))
+    lopt_params = init_lopt_params(net, jax.random.PRNGKey(0))
+    make_tx = lambda p: tl.clipped_learned_optimizer(net, p, args.lopt_lr, args.grad_clip)  # noqa: E731
+    agent = tl.init_agent(task, make_tx(lopt_params), jax.random.PRNGKey(1))
+    loss, (_, _, _, diagnostics) = jax.jit(partial(
+        tl.agent_meta_loss, task=task, make_tx=make_tx, inner_updates=2, meta_value_coef=meta_value_coef))(
+        lopt_params, agent=agent, reset_key=jax.random.PRNGKey(2), reset_now=jnp.array(False))
+    policy, value, entropy, step = map(float, diagnostics)
+    assert float(loss) == pytest.approx(policy + meta_value_coef * value - task.entropy_coef * entropy, rel=1e-5)
+    assert value > 0 and entropy > 0 and 0 < step <= args.lopt_lr * (1 + 1e-5)
+
+
 def test_meta_steps_update_lopt(meta):
     """3 meta-steps: counter 3, finite meta-gradients, lopt params changed and finite, agents finite."""
     state = meta.state
@@ -465,8 +483,8 @@ def test_population_meta_gradient(meta):
     for chunk in (None, 1):
         mt = meta.mt if chunk is None else tl.make_meta_train(tiny_args(agents_per_chunk=chunk), TASKS)
         results[chunk] = jax.jit(lambda *a, mt=mt: mt.population_meta_grad(a[0], task, *a[1:]))(*inputs)
-    (loss, (population, return_sum, return_count)), grads = results[None]
-    assert tree_finite(grads)
+    (loss, (population, return_sum, return_count, diagnostics)), grads = results[None]
+    assert tree_finite(grads) and diagnostics.shape == (len(tl.META_DIAGNOSTICS),) and tree_finite(diagnostics)
     for module, g in grads["params"].items():
         assert float(optax.tree.norm(g)) > 0, module
     assert tree_finite(population.params)
