@@ -743,9 +743,6 @@ EVAL_NAMES = ("lopt", "lopt_tuned", "lopt_init", "sign_sgd", "adam", "rmsprop", 
 FINAL_FRACTION = 0.1  # "final return": mean return of the episodes that end in the last 10% of training
 EVAL_STREAM, VAL_STREAM = 1, 2  # the final evaluation and validation (and lr selection) draw from separate streams
 STREAM_FLAGS = {EVAL_STREAM: "--eval-seeds", VAL_STREAM: "--val-seeds"}
-# The learner's code, hashed once at import: part of the baseline cache's key (see BaselineCache).
-SOURCE_DIGEST = hashlib.sha1(b"".join(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f), "rb").read()
-                                      for f in ("train_lopt.py", "common.py"))).hexdigest()[:12]
 
 
 def make_a2c_train(task: Task, make_tx, num_updates: int, random_policy: bool = False):
@@ -825,42 +822,6 @@ class TaskEvaluator:
 
     def lopt(self, lopt_params, keys: jax.Array, lr: float | None = None) -> np.ndarray:
         return self.returns("lopt", keys, [self.config["lopt_lr"] if lr is None else lr], lopt_params)[0]
-
-
-class BaselineCache:
-    """Per-seed final returns of the baselines, one JSON file per (task, budget, seeds, learner settings, code), so a
-    second run (or validation and the final evaluation of one run) does not train them again.
-
-    The key hashes this file and common.py too: a fork that changes the learner never reads stale baselines.
-    """
-
-    def __init__(self, folder: str | None):
-        self.folder = folder
-
-    def _path(self, evaluator: TaskEvaluator, stream: int, num_seeds: int) -> str | None:
-        if self.folder is None:
-            return None
-        a = evaluator.args
-        settings = dict(task=evaluator.name, steps=evaluator.steps, stream=stream, seeds=num_seeds,
-                        envs=a.eval_envs, rollout_steps=a.rollout_steps, gamma=a.gamma, gae_lambda=a.gae_lambda,
-                        entropy_coef=a.entropy_coef, grad_clip=evaluator.config["grad_clip"], jax=jax.__version__,
-                        devices=jax.device_count(), code=SOURCE_DIGEST)
-        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        return os.path.join(self.folder, f"{evaluator.name}_{evaluator.steps}_{stream}_{num_seeds}_{digest}.json")
-
-    def returns(self, evaluator: TaskEvaluator, kind: str, stream: int, num_seeds: int, lrs) -> dict:
-        """{lr: per-seed final returns} of a baseline, training only the learning rates not cached yet."""
-        path = self._path(evaluator, stream, num_seeds)
-        cached = json.load(open(path)) if path and os.path.exists(path) else {}
-        done = {float(lr): np.asarray(v, float) for lr, v in cached.get(kind, {}).items()}
-        missing = [lr for lr in lrs if float(lr) not in done]
-        if missing:
-            keys = evaluation_keys(evaluator.name, stream, num_seeds, STREAM_FLAGS[stream])
-            done.update(zip(map(float, missing), evaluator.returns(kind, keys, missing)))
-            if path and jax.process_index() == 0:
-                cached[kind] = {repr(lr): [None if x != x else float(x) for x in v] for lr, v in done.items()}
-                atomic_write(path, lambda f: f.write(json.dumps(cached).encode()))
-        return {float(lr): done[float(lr)] for lr in lrs}
 
 
 def selection_score(returns: np.ndarray) -> float:
@@ -1220,6 +1181,50 @@ class Checkpointer:
             self.wait()
         finally:
             self.writer.shutdown()
+
+
+# --- Baseline cache ---
+
+# The learner's code, hashed once at import: part of the baseline cache's key (see BaselineCache).
+SOURCE_DIGEST = hashlib.sha1(b"".join(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f), "rb").read()
+                                      for f in ("train_lopt.py", "common.py"))).hexdigest()[:12]
+
+
+class BaselineCache:
+    """Per-seed final returns of the baselines, one JSON file per (task, budget, seeds, learner settings, code), so a
+    second run (or validation and the final evaluation of one run) does not train them again.
+
+    The key hashes this file and common.py too: a fork that changes the learner never reads stale baselines.
+    """
+
+    def __init__(self, folder: str | None):
+        self.folder = folder
+
+    def _path(self, evaluator: TaskEvaluator, stream: int, num_seeds: int) -> str | None:
+        if self.folder is None:
+            return None
+        a = evaluator.args
+        settings = dict(task=evaluator.name, steps=evaluator.steps, stream=stream, seeds=num_seeds,
+                        envs=a.eval_envs, rollout_steps=a.rollout_steps, gamma=a.gamma, gae_lambda=a.gae_lambda,
+                        entropy_coef=a.entropy_coef, grad_clip=evaluator.config["grad_clip"], jax=jax.__version__,
+                        devices=jax.device_count(), code=SOURCE_DIGEST)
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        return os.path.join(self.folder, f"{evaluator.name}_{evaluator.steps}_{stream}_{num_seeds}_{digest}.json")
+
+    def returns(self, evaluator: TaskEvaluator, kind: str, stream: int, num_seeds: int, lrs) -> dict:
+        """{lr: per-seed final returns} of a baseline, training only the learning rates not cached yet."""
+        path = self._path(evaluator, stream, num_seeds)
+        cached = json.load(open(path)) if path and os.path.exists(path) else {}
+        done = {float(lr): np.asarray(v, float) for lr, v in cached.get(kind, {}).items()}
+        missing = [lr for lr in lrs if float(lr) not in done]
+        if missing:
+            keys = evaluation_keys(evaluator.name, stream, num_seeds, STREAM_FLAGS[stream])
+            done.update(zip(map(float, missing), evaluator.returns(kind, keys, missing)))
+            if path and jax.process_index() == 0:
+                cached[kind] = {repr(lr): [None if x != x else float(x) for x in v] for lr, v in done.items()}
+                atomic_write(path, lambda f: f.write(json.dumps(cached).encode()))
+        return {float(lr): done[float(lr)] for lr in lrs}
+
 
 
 # --- Time limit ---
