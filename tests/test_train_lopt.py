@@ -1071,11 +1071,12 @@ def test_a_task_is_scored_the_same_alone_in_a_group_and_for_any_meta_seed(tmp_pa
     """The evaluation's agents belong to the task: the same optimizer on catch gives the same per-seed returns and
     picks the same learning rates evaluated alone with --seed 0 as second task of a group with --seed 5 (separate
     out-dirs, so nothing comes from a shared baseline cache)."""
-    lopt_path = tl.PRETRAINED_OPTIMIZER
-    tl.main(tiny_args(out_dir=str(tmp_path / "a"), run_name="alone", eval_only=True, lopt_path=lopt_path))
+    # test_meta_tasks_small_...'s evaluation settings: their compiled trainers are shared through the disk cache.
+    settings = dict(eval_only=True, lopt_path=tl.PRETRAINED_OPTIMIZER, rollout_steps=8, val_steps=512,
+                    eval_steps=512)
+    tl.main(tiny_args(out_dir=str(tmp_path / "a"), run_name="alone", **settings))
     monkeypatch.setitem(ENV_GROUPS, "catch", ("small_dense_short", "catch"))
-    tl.main(tiny_args(out_dir=str(tmp_path / "b"), run_name="group", eval_only=True, lopt_path=lopt_path,
-                      eval_tasks="group", seed=5))
+    tl.main(tiny_args(out_dir=str(tmp_path / "b"), run_name="group", eval_tasks="group", seed=5, **settings))
     alone = json.load(open(tmp_path / "a" / "alone" / "eval.json"))["tasks"]
     group = json.load(open(tmp_path / "b" / "group" / "eval.json"))["tasks"]
     assert list(alone) == ["catch"] and list(group) == ["small_dense_short", "catch"]
