@@ -1311,12 +1311,14 @@ def plot_metrics(csv_path: str, png_path: str) -> None:
     tasks = [k[len("return/"):] for k in rows[0] if k.startswith("return/")]
     fig, grid = plt.subplots(2, 3, figsize=(16, 8))
     axes = grid[0]
-    for t in tasks:
-        axes[0].plot(*series(f"return/{t}"), label=t)
-        axes[1].plot(*series(f"meta_loss/{t}"), label=t)
+    for i, t in enumerate(tasks):
+        color = f"C{i}"  # one colour per task in every panel
+        axes[0].plot(*series(f"return/{t}"), color=color, label=t)
+        axes[1].plot(*series(f"meta_loss/{t}"), color=color, label=t)
         for style, name in (("-", "policy"), ("--", "value"), (":", "entropy")):
-            grid[1, 0 if name != "value" else 1].plot(*series(f"meta_{name}/{t}"), style, label=f"{t} {name}")
-        grid[1, 2].plot(*series(f"step_ratio/{t}"), label=t)
+            grid[1, 0 if name != "value" else 1].plot(*series(f"meta_{name}/{t}"), style, color=color,
+                                                      label=f"{t} {name}")
+        grid[1, 2].plot(*series(f"step_ratio/{t}"), color=color, label=t)
     grid[1, 0].set(xlabel="meta-step", ylabel="term of the meta-loss (unweighted)", title="policy and entropy terms",
                    yscale="symlog")
     grid[1, 1].set(xlabel="meta-step", ylabel="mean squared TD error", title="value term", yscale="log")
