@@ -3,8 +3,9 @@
     python results/table.py           # print the tables
     python results/table.py --write   # rewrite them in place, between <!-- table:NAME --> ... <!-- /table:NAME -->
 
-Each gridworld file is the eval.json of one `train_lopt.py --eval-only` run (its command is in FILES); the
-statistics are recomputed here from the per-seed final returns, never copied from the file.
+Each gridworld file is the eval.json of one `train_lopt.py --eval-only` run (its command is in FILES), each Brax
+file the summary.json of one `eval_brax.py` run (BRAX_FILES); the statistics are recomputed here from the per-seed
+final returns, never copied from the file.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 import train_lopt as tl  # noqa: E402
+from common import iqm_interval  # noqa: E402
 
 PREVIOUS = "--lopt-path checkpoints/previous/optim4rl_gridworld.msgpack"
 # result file -> the command that wrote it (as runs/<run-name>/eval.json, then copied here)
@@ -35,6 +37,15 @@ ROWS = {  # eval.json name -> row label
     "sign_sgd": "sign-SGD (its meta-step-0 self), lr tuned",
     "rmsprop": "RMSProp, lr tuned",
     "adam": "Adam, lr tuned",
+}
+BRAX = "python eval_brax.py --num-seeds 8"
+# Brax result file -> the command that wrote it (its summary.json, copied here)
+BRAX_FILES = {
+    "brax_inverted_double_pendulum_tuned.json": f"{BRAX} --env inverted_double_pendulum --optimizers adam lopt "
+                                                "--learning-rates 1e-3 3e-4 1e-4",
+    "brax_inverted_double_pendulum_adam_brax.json": f"{BRAX} --env inverted_double_pendulum --optimizers adam_brax",
+    "brax_hopper_tuned.json": f"{BRAX} --env hopper --optimizers adam lopt --learning-rates 1e-3 3e-4 1e-4",
+    "brax_hopper_adam_brax.json": f"{BRAX} --env hopper --optimizers adam_brax",
 }
 TABLES = {  # table name -> result files, in row order
     "gridworld": ["gridworld_shipped_1e5.json", "gridworld_shipped_1e6.json"],
@@ -82,8 +93,46 @@ def gridworld_table(files: list[str]) -> str:
     return "\n".join(lines)
 
 
+def load_brax(name: str) -> dict:
+    """A Brax summary.json with each run's IQM and interval recomputed from its per-seed final returns."""
+    with open(os.path.join(HERE, name)) as f:
+        report = json.load(f)
+    for run in report["optimizers"].values():
+        run["recomputed_iqm_ci"] = iqm_interval([run["final_returns"]])
+    return report
+
+
+def brax_table() -> str:
+    """Final deterministic return per run: IQM over seeds [95% bootstrap CI], by task; each task's best Adam with
+    the learned optimizer's clip (its lr picked on the same seeds) is the reference of the last column."""
+    present = [f for f in BRAX_FILES if os.path.exists(os.path.join(HERE, f))]
+    if not present:
+        return "_(no result files yet)_"
+    by_env = {}
+    for name in present:
+        report = load_brax(name)
+        by_env.setdefault(report["env"], {}).update(report["optimizers"])
+    lines = ["| task | optimizer | learning rate | seeds | final return, IQM [95% CI] | IQM / best clipped Adam |",
+             "|---|---|---|---:|---:|---:|"]
+    for env, runs in by_env.items():
+        adams = [r["recomputed_iqm_ci"][0] for n, r in runs.items() if n.split("@")[0] == "adam"]
+        best = max(adams) if adams else float("nan")
+        for run_name, r in runs.items():
+            iqm, low, high = r["recomputed_iqm_ci"]
+            label = {"adam": "Adam, learned optimizer's clip", "adam_brax": "Adam, Brax's setting (no clip)",
+                     "lopt": "learned optimizer (shipped)"}.get(run_name.split("@")[0], run_name.split("@")[0])
+            bold = "**" if run_name == "lopt" else ""
+            lines.append(f"| {env} | {label} | {r['learning_rate']:.0e} | {len(r['final_returns'])} | "
+                         f"{bold}{iqm:.0f} [{low:.0f}, {high:.0f}]{bold} | {bold}{iqm / best:.2f}{bold} |")
+    lines.append("")
+    lines.append("Final deterministic return after the CPU preset's budget; the best Adam is picked on the same 8 "
+                 "seeds it is reported on (this favours Adam). Files: "
+                 + ", ".join(f"[results/{f}](results/{f})" for f in present) + ".")
+    return "\n".join(lines)
+
+
 def tables() -> dict[str, str]:
-    return {name: gridworld_table(files) for name, files in TABLES.items()}
+    return {**{name: gridworld_table(files) for name, files in TABLES.items()}, "brax": brax_table()}
 
 
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)\n?(<!-- /table:(?P=name) -->)", re.S)

@@ -21,6 +21,14 @@ def test_every_listed_result_file_is_committed():
         assert os.path.isfile(os.path.join(table.HERE, name)), name
 
 
+@pytest.mark.parametrize("name", [f for f in table.BRAX_FILES if os.path.exists(os.path.join(table.HERE, f))])
+def test_brax_files_store_what_their_seeds_give(name):
+    """A Brax summary's IQM and interval are those of its per-seed final returns, with 8 or more seeds per run."""
+    for run in table.load_brax(name)["optimizers"].values():
+        assert len(run["final_returns"]) >= 8
+        np.testing.assert_allclose(run["final_return_iqm_ci"], run["recomputed_iqm_ci"], rtol=1e-9)
+
+
 @pytest.mark.parametrize("document", table.DOCUMENTS)
 def test_document_tables_are_regenerated_from_the_result_files(document):
     """Every <!-- table:NAME --> block equals what `python results/table.py --write` would write there."""
