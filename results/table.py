@@ -122,7 +122,7 @@ def brax_table() -> str:
             label = {"adam": "Adam, learned optimizer's clip", "adam_brax": "Adam, Brax's setting (no clip)",
                      "lopt": "learned optimizer (shipped)"}.get(run_name.split("@")[0], run_name.split("@")[0])
             bold = "**" if run_name == "lopt" else ""
-            lines.append(f"| {env} | {label} | {r['learning_rate']:.0e} | {len(r['final_returns'])} | "
+            lines.append(f"| {env} | {label} | {tl.format_lr(r['learning_rate'])} | {len(r['final_returns'])} | "
                          f"{bold}{iqm:.0f} [{low:.0f}, {high:.0f}]{bold} | {bold}{iqm / best:.2f}{bold} |")
     lines.append("")
     lines.append("Final deterministic return after the CPU preset's budget; the best Adam is picked on the same 8 "
