@@ -107,7 +107,7 @@ class Args:
     """weight of the value term in the meta-loss (0.5: the A2C loss the agents minimise, as in the paper; 0: the
     policy and entropy terms only, so shrinking value errors cannot lower the meta-loss by itself)"""
     lopt_lr: float = 3e-3
-    """learning rate multiplying the learned optimizer's output (Adam's evaluation lr: at meta-step 0 the optimizer
+    """learning rate multiplying the learned optimizer's output (at meta-step 0 the optimizer
     is sign-SGD at this lr, which must be large enough for sign-SGD to learn the small grids)"""
     grad_clip: float = 1.0
     """element-wise clip of agent gradients before the optimizer"""
