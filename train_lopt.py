@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import sys
 import time
 import zlib
@@ -569,9 +570,10 @@ def agent_meta_loss(lopt_params, task: Task, agent: Agent, reset_key, reset_now,
 
     def inner(agent, _):
         updated, returns = a2c_step(task, tx, agent, stop_meta_gradient=True)
-        moved = jnp.abs(ravel_pytree(jax.lax.stop_gradient(updated.params))[0]
-                        - ravel_pytree(jax.lax.stop_gradient(agent.params))[0])
-        return updated, (returns, jnp.stack([jnp.sum(moved), jnp.sum(moved > 0)]))
+        # Leaf by leaf: no flattened copy of the parameters on the meta-gradient's hot path.
+        deltas = [jnp.abs(a - b) for a, b in zip(jax.tree.leaves(updated.params), jax.tree.leaves(agent.params))]
+        moved = jnp.stack([sum(jnp.sum(d) for d in deltas), sum(jnp.sum(d > 0) for d in deltas)])
+        return updated, (returns, jax.lax.stop_gradient(moved))
 
     agent, ((return_sum, return_count), moved) = jax.lax.scan(inner, agent, length=inner_updates)
     # Meta-loss: the A2C loss of the updated agent on the next rollout.
@@ -1189,7 +1191,7 @@ class Checkpointer:
 # --- Baseline cache ---
 
 # The learner's code, hashed once at import: part of the baseline cache's key (see BaselineCache).
-SOURCE_DIGEST = hashlib.sha1(b"".join(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f), "rb").read()
+SOURCE_DIGEST = hashlib.sha1(b"".join(pathlib.Path(__file__).with_name(f).read_bytes()
                                       for f in ("train_lopt.py", "common.py"))).hexdigest()[:12]
 
 
@@ -1217,7 +1219,7 @@ class BaselineCache:
     def returns(self, evaluator: TaskEvaluator, kind: str, stream: int, num_seeds: int, lrs) -> dict:
         """{lr: per-seed final returns} of a baseline, training only the learning rates not cached yet."""
         path = self._path(evaluator, stream, num_seeds)
-        cached = json.load(open(path)) if path and os.path.exists(path) else {}
+        cached = json.loads(pathlib.Path(path).read_text()) if path and os.path.exists(path) else {}
         done = {float(lr): np.asarray(v, float) for lr, v in cached.get(kind, {}).items()}
         missing = [lr for lr in lrs if float(lr) not in done]
         if missing:
