@@ -107,6 +107,10 @@ class Args:
     meta_value_coef: float = 0.5
     """weight of the value term in the meta-loss (0.5: the A2C loss the agents minimise, as in the paper; 0: the
     policy and entropy terms only, so shrinking value errors cannot lower the meta-loss by itself)"""
+    meta_loss_scale: Literal["raw", "td"] = "raw"
+    """'raw': the A2C loss in reward units, as in the paper, so a task's reward scale (1e0..1e3) weights it and the
+    value term (in reward units squared) dominates; 'td': each agent's policy term divided by its rollout's RMS TD
+    error and its value term by that squared, so every task and both terms count in the same units"""
     lopt_lr: float = 3e-3
     """learning rate multiplying the learned optimizer's output (at meta-step 0 the optimizer
     is sign-SGD at this lr, which must be large enough for sign-SGD to learn the small grids)"""
@@ -550,14 +554,15 @@ META_DIAGNOSTICS = ("policy", "value", "entropy", "step")  # per agent, logged p
 
 
 def agent_meta_loss(lopt_params, task: Task, agent: Agent, reset_key, reset_now, make_tx, inner_updates: int,
-                    meta_value_coef: float = 0.5):
+                    meta_value_coef: float = 0.5, meta_loss_scale: str = "raw"):
     """(meta-loss, (agent, return sum, episode count, diagnostics)) of one agent, differentiable in lopt_params.
 
     The agent is first replaced by a fresh one if its reset is due (reset_now) or its parameters are no longer
     finite. It then takes inner_updates A2C updates with the learned optimizer make_tx(lopt_params): the
     meta-gradient flows through the optimizer's updates, the rollouts and the agent's gradients are constants to it.
     The meta-loss is the A2C loss of the updated agent on its next rollout, its value term weighted by
-    meta_value_coef (0.5: the agents' own loss). The returned agent, after that rollout, carries no meta-gradient:
+    meta_value_coef (0.5: the agents' own loss); with meta_loss_scale "td" the policy term is divided by the
+    rollout's RMS TD error (a constant) and the value term by its square. The returned agent, after that rollout, carries no meta-gradient:
     it continues at the next meta-step. The diagnostics (no gradient) are the meta-loss's three terms and the mean
     absolute change per inner update of the parameters that moved, which is exactly lr for sign-SGD (Optim4RL at
     meta-step 0; parameters with a zero gradient do not move under either).
@@ -580,7 +585,9 @@ def agent_meta_loss(lopt_params, task: Task, agent: Agent, reset_key, reset_now,
     key, key_rollout = jax.random.split(agent.key)
     traj, env_state, obs = task.rollout(jax.lax.stop_gradient(agent.params), agent.env_state, agent.obs, key_rollout)
     policy_loss, value_loss, entropy = task.loss_terms(agent.params, traj, obs)
-    meta_loss = policy_loss + meta_value_coef * value_loss - task.entropy_coef * entropy
+    # The RMS TD error, a constant: the advantages' scale, and the square root of the value term's value.
+    scale = jnp.sqrt(jax.lax.stop_gradient(value_loss)) + 1e-6 if meta_loss_scale == "td" else 1.0
+    meta_loss = policy_loss / scale + meta_value_coef * value_loss / scale**2 - task.entropy_coef * entropy
     step = jnp.sum(moved[:, 0]) / jnp.maximum(jnp.sum(moved[:, 1]), 1.0)
     diagnostics = jax.lax.stop_gradient(jnp.stack([policy_loss, value_loss, entropy, step]))
     last_sum, last_count = returns_summary(traj)
@@ -654,7 +661,7 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
     def agents_meta_loss(lopt_params, task, agents, keys, reset_now):
         """Summed meta-loss of some agents of a task (vmapped), divided by the population size."""
         one_agent = partial(agent_meta_loss, make_tx=inner_tx, inner_updates=args.inner_updates,
-                            meta_value_coef=args.meta_value_coef)
+                            meta_value_coef=args.meta_value_coef, meta_loss_scale=args.meta_loss_scale)
         losses, aux = jax.vmap(one_agent, in_axes=(None, None, 0, 0, 0))(lopt_params, task, agents, keys, reset_now)
         return jnp.sum(losses) / args.num_agents, aux
 

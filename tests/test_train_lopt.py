@@ -440,10 +440,11 @@ def test_meta_gradient_matches_finite_differences(lopt):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("meta_value_coef", [0.5, 0.0])
-def test_meta_loss_terms_and_step_diagnostic(meta_value_coef):
-    """The meta-loss is policy + meta_value_coef * value - entropy_coef * entropy of its logged terms; the logged step
-    of the untrained optimizer (sign-SGD after the clip) is lopt_lr per moving coordinate and update."""
+@pytest.mark.parametrize("meta_value_coef,meta_loss_scale", [(0.5, "raw"), (0.0, "raw"), (0.5, "td")])
+def test_meta_loss_terms_and_step_diagnostic(meta_value_coef, meta_loss_scale):
+    """The meta-loss is policy + meta_value_coef * value - entropy_coef * entropy of its logged terms ('td': policy
+    over the RMS TD error sqrt(value), value over its square); the logged step of the untrained optimizer (sign-SGD
+    after the clip) is lopt_lr per moving coordinate and update."""
     args = tiny_args()
     task = tl.Task.make("catch", args)
     net = make_lopt_net(lopt_config(args))
@@ -451,10 +452,13 @@ def test_meta_loss_terms_and_step_diagnostic(meta_value_coef):
     make_tx = lambda p: tl.clipped_learned_optimizer(net, p, args.lopt_lr, args.grad_clip)  # noqa: E731
     agent = tl.init_agent(task, make_tx(lopt_params), jax.random.PRNGKey(1))
     loss, (_, _, _, diagnostics) = jax.jit(partial(
-        tl.agent_meta_loss, task=task, make_tx=make_tx, inner_updates=2, meta_value_coef=meta_value_coef))(
+        tl.agent_meta_loss, task=task, make_tx=make_tx, inner_updates=2, meta_value_coef=meta_value_coef,
+        meta_loss_scale=meta_loss_scale))(
         lopt_params, agent=agent, reset_key=jax.random.PRNGKey(2), reset_now=jnp.array(False))
     policy, value, entropy, step = map(float, diagnostics)
-    assert float(loss) == pytest.approx(policy + meta_value_coef * value - task.entropy_coef * entropy, rel=1e-5)
+    scale = np.sqrt(value) if meta_loss_scale == "td" else 1.0
+    expected = policy / scale + meta_value_coef * value / scale**2 - task.entropy_coef * entropy
+    assert float(loss) == pytest.approx(expected, rel=1e-4)
     assert value > 0 and entropy > 0 and step == pytest.approx(args.lopt_lr, rel=1e-3)
 
 
