@@ -111,6 +111,10 @@ class Args:
     """'raw': the A2C loss in reward units, as in the paper, so a task's reward scale (1e0..1e3) weights it and the
     value term (in reward units squared) dominates; 'td': each agent's policy term divided by its rollout's RMS TD
     error and its value term by that squared, so every task and both terms count in the same units"""
+    normalize_step: bool = False
+    """divide the optimizer's step by its root mean square over the coordinates with a non-zero gradient, so the
+    learning rate alone sets the step's size and meta-training learns only how it is shared among coordinates
+    (sign-SGD's step is already normalised: meta-step 0 is unchanged)"""
     lopt_lr: float = 3e-3
     """learning rate multiplying the learned optimizer's output (at meta-step 0 the optimizer
     is sign-SGD at this lr, which must be large enough for sign-SGD to learn the small grids)"""
@@ -291,6 +295,7 @@ def lopt_config(args: Args) -> dict:
         lopt=args.lopt,
         hidden_size=args.hidden_size,
         grad_processing=args.grad_processing,
+        normalize_step=args.normalize_step,
         lopt_lr=args.lopt_lr,
         grad_clip=args.grad_clip,
     )
@@ -314,9 +319,12 @@ class LearnedOptState(NamedTuple):
 
 
 def learned_optimizer(
-    net: nn.Module, lopt_params, learning_rate: float, chunk_size: int | None = None
+    net: nn.Module, lopt_params, learning_rate: float, chunk_size: int | None = None, normalize_step: bool = False
 ) -> optax.GradientTransformation:
     """A learned optimizer as an optax transformation; all parameter leaves are one flat coordinate batch.
+
+    normalize_step divides the network's step by its RMS over the coordinates with a non-zero gradient (the others
+    do not move under Optim4RL), so the step's size is the learning rate's alone.
 
     chunk_size=None applies the network to all coordinates at once: the fastest way to use it as an optimizer.
     Meta-training, which differentiates through the updates, passes LOPT_CHUNK instead.
@@ -340,6 +348,9 @@ def learned_optimizer(
             # each step's inputs, and recomputes the GRU gate activations (about 200 floats per coordinate)
             # one chunk at a time, so they stay in cache and never exist for all coordinates at once.
             carry, direction = jax.lax.map(jax.checkpoint(apply_one), (state.carry, flat), batch_size=chunk_size)
+        if normalize_step:
+            moving = jnp.maximum(jnp.sum(flat != 0), 1)
+            direction = direction / (jnp.sqrt(jnp.sum(jnp.square(direction)) / moving) + 1e-12)
         return unravel(-learning_rate * direction), LearnedOptState(carry)
 
     return optax.GradientTransformation(init, update)
@@ -351,9 +362,9 @@ def with_grad_clip(tx: optax.GradientTransformation, grad_clip: float | None) ->
 
 
 def clipped_learned_optimizer(net: nn.Module, lopt_params, learning_rate, grad_clip: float | None,
-                              chunk_size: int | None = None) -> optax.GradientTransformation:
+                              chunk_size: int | None = None, normalize_step: bool = False) -> optax.GradientTransformation:
     """The learned optimizer as agents use it everywhere: element-wise clip, then the network's step."""
-    return with_grad_clip(learned_optimizer(net, lopt_params, learning_rate, chunk_size), grad_clip)
+    return with_grad_clip(learned_optimizer(net, lopt_params, learning_rate, chunk_size, normalize_step), grad_clip)
 
 
 def load_optimizer(path: str, learning_rate: float | None = None, grad_clip: float | None = -1.0):
@@ -367,7 +378,8 @@ def load_optimizer(path: str, learning_rate: float | None = None, grad_clip: flo
     config = ckpt["config"]
     lr = config["lopt_lr"] if learning_rate is None else learning_rate
     clip = config["grad_clip"] if grad_clip == -1.0 else grad_clip
-    return clipped_learned_optimizer(make_lopt_net(config), ckpt["params"], lr, clip)
+    return clipped_learned_optimizer(make_lopt_net(config), ckpt["params"], lr, clip,
+                                     normalize_step=config.get("normalize_step", False))
 
 
 # ================================================================================================
@@ -645,7 +657,8 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
     )
 
     def inner_tx(lopt_params):
-        return clipped_learned_optimizer(net, lopt_params, args.lopt_lr, args.grad_clip, LOPT_CHUNK)
+        return clipped_learned_optimizer(net, lopt_params, args.lopt_lr, args.grad_clip, LOPT_CHUNK,
+                                         args.normalize_step)
 
     def init(key) -> MetaState:
         key_lopt, key_pop, key = jax.random.split(key, 3)
@@ -824,7 +837,8 @@ class TaskEvaluator:
             def make_tx(tx_params):
                 lr, lopt_params = tx_params
                 if kind == "lopt":
-                    return clipped_learned_optimizer(self.net, lopt_params, lr, clip)
+                    return clipped_learned_optimizer(self.net, lopt_params, lr, clip,
+                                                     normalize_step=self.config.get("normalize_step", False))
                 return with_grad_clip(baseline_optimizer("adam" if kind == "random" else kind, lr), clip)
 
             train = make_a2c_train(self.task, make_tx, self.num_updates, random_policy=kind == "random")

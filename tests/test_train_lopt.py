@@ -268,6 +268,25 @@ def test_with_grad_clip_clips_elementwise():
         np.testing.assert_allclose(updates["w"], expected, rtol=1e-6)
 
 
+def test_normalized_step_is_sign_sgd_at_init_and_has_rms_lr_after_training():
+    """normalize_step: the untrained Optim4RL is still sign-SGD; a perturbed one keeps its step's shape (up to a
+    positive factor) with RMS lr over the coordinates that have a gradient, and zero gradients still do not move."""
+    net = Optim4RL(hidden_size=8)
+    params = init_lopt_params(net, jax.random.PRNGKey(0))
+    g = {"w": jnp.array([0.0, 2.0, -1e-3, 5e-7]), "b": jnp.array([-0.3])}
+    tx = learned_optimizer(net, params, 0.1, normalize_step=True)
+    updates, _ = tx.update(g, tx.init(g))
+    np.testing.assert_allclose(updates["w"], [0.0, -0.1, 0.1, -0.1], rtol=1e-6)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: x + 0.3 * rng.normal(size=x.shape), params)
+    raw, _ = learned_optimizer(net, params, 0.1).update(g, tx.init(g))
+    normalized, _ = learned_optimizer(net, params, 0.1, normalize_step=True).update(g, tx.init(g))
+    raw, normalized = (np.concatenate([u["w"], u["b"]]) for u in (raw, normalized))
+    assert normalized[0] == 0.0 and np.sqrt(np.mean(normalized[1:] ** 2)) == pytest.approx(0.1, rel=1e-5)
+    np.testing.assert_allclose(raw[1:] / normalized[1:], raw[1] / normalized[1], rtol=1e-5)
+    assert not np.allclose(np.abs(raw[1:]), 0.1)  # the perturbed step is not sign-SGD's, so the check has teeth
+
+
 @pytest.mark.parametrize("bias_m, bias_v", [(1e4, -1e4), (1e4, 1e4), (-1e4, -1e4), (-1e4, 1e4)])
 def test_optim4rl_overflow_guard(bias_m, bias_v):
     """Huge output-layer biases (exponents of m and v) are clipped: updates stay finite for g in {0, 1e30}."""
