@@ -5,11 +5,13 @@
 
 Each gridworld file is the eval.json of one `train_lopt.py --eval-only` run (its command is in FILES), each Brax
 file the summary.json of one `eval_brax.py` run (BRAX_FILES); the statistics are recomputed here from the per-seed
-final returns, never copied from the file.
+final returns, never copied from the file. Each file in meta_screens/ holds the rows of one meta-training run's
+metrics.csv where validation was measured (its flags are in SCREENS; the ES pilot's file is its own csv).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -18,6 +20,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
+
+import numpy as np  # noqa: E402
 
 import train_lopt as tl  # noqa: E402
 from common import iqm_interval  # noqa: E402
@@ -46,6 +50,23 @@ BRAX_FILES = {
     "brax_inverted_double_pendulum_adam_brax.json": f"{BRAX} --env inverted_double_pendulum --optimizers adam_brax",
     "brax_hopper_tuned.json": f"{BRAX} --env hopper --optimizers adam lopt --learning-rates 1e-3 3e-4 1e-4",
     "brax_hopper_adam_brax.json": f"{BRAX} --env hopper --optimizers adam_brax",
+}
+SCREEN = "python train_lopt.py --env-group gridworld --no-final-eval --seed 0"
+# meta_screens/ file -> the flags added to SCREEN (a run stopped early is marked so in the table)
+SCREENS = {
+    "default.csv": "",
+    "num_agents_32.csv": "--num-agents 32",
+    "td.csv": "--meta-loss-scale td",
+    "normalize_step_lr_1e-2.csv": "--normalize-step --lopt-lr 1e-2",
+    "normalize_step_lr_1e-2_td.csv": "--normalize-step --lopt-lr 1e-2 --meta-loss-scale td",
+    "normalize_step_lr_1e-2_k16.csv": "--normalize-step --lopt-lr 1e-2 --inner-updates 16",
+    "normalize_step_lr_1e-2_envs_32.csv": "--normalize-step --lopt-lr 1e-2 --num-envs 32",
+    "normalize_step_lr_1e-2_meta_lr_1e-4.csv": "--normalize-step --lopt-lr 1e-2 --meta-lr 1e-4",
+    "normalize_step_lr_1e-2_td_policy_only.csv": "--normalize-step --lopt-lr 1e-2 --meta-loss-scale td "
+                                                 "--meta-value-coef 0",
+    "normalize_step_lr_1e-2_td_policy_only_32_agents.csv": "--normalize-step --lopt-lr 1e-2 --meta-loss-scale td "
+                                                           "--meta-value-coef 0 --num-agents 32",
+    "es_pilot.csv": "ES pilot: python benchmarks/es_pilot.py --es-steps 30 (8 antithetic pairs x 4 seeds per task)",
 }
 TABLES = {  # table name -> result files, in row order
     "gridworld": ["gridworld_shipped_1e5.json", "gridworld_shipped_1e6.json"],
@@ -131,8 +152,55 @@ def brax_table() -> str:
     return "\n".join(lines)
 
 
+def load_screen(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, validation scores) of a screen: meta-steps, or ES steps for the ES pilot."""
+    with open(os.path.join(HERE, "meta_screens", name)) as f:
+        rows = [r for r in csv.DictReader(f) if r["val_score"] != ""]
+    step = "es_step" if "es_step" in rows[0] else "meta_step"
+    return np.array([int(r[step]) for r in rows]), np.array([float(r["val_score"]) for r in rows])
+
+
+def screens_table() -> str:
+    present = [f for f in SCREENS if os.path.exists(os.path.join(HERE, "meta_screens", f))]
+    if not present:
+        return "_(no result files yet)_"
+    lines = ["| flags | steps run | validation at 0 | best (step) | last | last / best |", "|---|---:|---:|---:|---:|---:|"]
+    for name in present:
+        steps, scores = load_screen(name)
+        best = int(np.argmax(scores))
+        flags = SCREENS[name] if name.startswith("es_") else f"`{SCREENS[name] or '(bare command)'}`"
+        lines.append(f"| {flags} | {steps[-1]} | {scores[0]:.2f} | {scores[best]:.2f} ({steps[best]}) | "
+                     f"{scores[-1]:.2f} | {scores[-1] / scores[best]:.2f} |")
+    lines.append("")
+    lines.append(f"Validation score (mean normalised final return on 16 validation seeds per small grid, 1 = tuned "
+                 f"Adam) of `{SCREEN}` plus the flags; meta-seed 0, 1000 meta-steps unless fewer were run (a run "
+                 "stopped once its trend was clear). Files: [results/meta_screens/](results/meta_screens/).")
+    return "\n".join(lines)
+
+
+def plot_screens(path: str) -> None:
+    """Validation against meta-steps of every screen (the ES pilot's steps are not meta-steps: left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(13, 5))
+    for i, name in enumerate(f for f in SCREENS if not f.startswith("es_")):
+        if os.path.exists(os.path.join(HERE, "meta_screens", name)):
+            ax.plot(*load_screen(name), color=f"C{i % 10}", ls="-" if i < 10 else "--",
+                    label=SCREENS[name] or "(bare command)")
+    ax.axhline(1.0, color="gray", lw=1, ls=":", label="tuned Adam")
+    ax.set(xlabel="meta-step", ylabel="validation score (1 = tuned Adam)", title="meta-training screens, meta-seed 0")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def tables() -> dict[str, str]:
-    return {**{name: gridworld_table(files) for name, files in TABLES.items()}, "brax": brax_table()}
+    return {**{name: gridworld_table(files) for name, files in TABLES.items()}, "brax": brax_table(),
+            "meta-screens": screens_table()}
 
 
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)\n?(<!-- /table:(?P=name) -->)", re.S)
@@ -165,6 +233,7 @@ def main(argv: list[str]) -> None:
         with open(path, "w") as f:
             f.write(rewrite(text, generated, prefix))
         print(f"rewrote {', '.join(blocks(text)) or 'no tables'} in {document}")
+    plot_screens(os.path.join(REPO, "docs", "meta_screens.png"))
 
 
 if __name__ == "__main__":
