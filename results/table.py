@@ -64,8 +64,6 @@ SCREENS = {
     "normalize_step_lr_1e-2_meta_lr_1e-4.csv": "--normalize-step --lopt-lr 1e-2 --meta-lr 1e-4",
     "normalize_step_lr_1e-2_td_policy_only.csv": "--normalize-step --lopt-lr 1e-2 --meta-loss-scale td "
                                                  "--meta-value-coef 0",
-    "normalize_step_lr_1e-2_td_policy_only_32_agents.csv": "--normalize-step --lopt-lr 1e-2 --meta-loss-scale td "
-                                                           "--meta-value-coef 0 --num-agents 32",
     "es_pilot.csv": "ES pilot: python benchmarks/es_pilot.py --es-steps 30 (8 antithetic pairs x 4 seeds per task)",
 }
 TABLES = {  # table name -> result files, in row order
