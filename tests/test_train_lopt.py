@@ -787,6 +787,20 @@ def test_load_optimizer_minimises_quadratic(trained):
     assert tree_finite(params)
 
 
+def test_load_optimizer_keeps_normalize_step(tmp_path):
+    """A checkpoint meta-trained with --normalize-step loads as a normalising optimizer: its step has RMS lr."""
+    args = tiny_args(normalize_step=True)
+    net = make_lopt_net(lopt_config(args))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: x + 0.3 * rng.normal(size=x.shape), init_lopt_params(net, jax.random.PRNGKey(0)))
+    path = str(tmp_path / "optimizer.msgpack")
+    tl.save_msgpack(path, tl.optimizer_checkpoint(args, params, params, 0))
+    g = {"w": jnp.array([3.0, -0.2, 1e-4, 2e-7])}
+    tx = load_optimizer(path, learning_rate=0.01)
+    step = np.asarray(tx.update(g, tx.init(g))[0]["w"])
+    assert np.sqrt(np.mean(step**2)) == pytest.approx(0.01, rel=1e-5)
+
+
 def test_load_optimizer_learning_rate(trained):
     """Default: the meta-trained lopt_lr (3e-3; the tiny run stays close to sign-SGD); an override rescales it."""
     params = {"w": jnp.array([3.0, -0.2, 1e-4])}
