@@ -66,6 +66,11 @@ SCREENS = {
                                                  "--meta-value-coef 0",
     "es_pilot.csv": "ES pilot: python benchmarks/es_pilot.py --es-steps 30 (8 antithetic pairs x 4 seeds per task)",
 }
+POLICY_ONLY = "--normalize-step --lopt-lr 1e-2 --meta-loss-scale td --meta-value-coef 0"
+# The kept optimizer of `python train_lopt.py --env-group gridworld <POLICY_ONLY> --seed S` (its final evaluation's
+# eval.json; seed 0's meta-training ran with --no-final-eval, then --eval-only on its optimizer_best.msgpack)
+SEED_FILES = {f"gridworld_policy_only_s{seed}_1e5.json": seed for seed in (0, 1, 2)}
+SEED_ROWS = ("lopt", "lopt_tuned", "sign_sgd", "adam")
 TABLES = {  # table name -> result files, in row order
     "gridworld": ["gridworld_shipped_1e5.json", "gridworld_shipped_1e6.json"],
     "gridworld-previous": ["gridworld_previous_1e5.json", "gridworld_previous_1e6.json"],
@@ -109,6 +114,24 @@ def gridworld_table(files: list[str]) -> str:
                  + ", ".join(f"{e} evaluation seeds (lr picked on {v} validation seeds)" for e, v in sorted(seeds))
                  + ", [95% stratified-bootstrap interval]. Files: "
                  + ", ".join(f"[results/{f}](results/{f})" for f in files) + ".")
+    return "\n".join(lines)
+
+
+def seeds_table() -> str:
+    """One row per meta-seed: the kept optimizer and the tuned baselines, IQM over both tasks [95% CI]."""
+    present = [f for f in SEED_FILES if os.path.exists(os.path.join(HERE, f))]
+    if not present:
+        return "_(no result files yet)_"
+    lines = ["| meta-seed | kept at meta-step | " + " | ".join(ROWS[n] for n in SEED_ROWS) + " |",
+             "|---:|---:|" + "---:|" * len(SEED_ROWS)]
+    for name in present:
+        report = load(name)
+        cells = [cell(report["summary"]["aggregate"][n]) for n in SEED_ROWS]
+        lines.append(f"| {SEED_FILES[name]} | {report['lopt_meta_step']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Both small grids, 1e5 env steps, normalised final return (1 = tuned Adam's mean): IQM over 2 x 16 "
+                 "evaluation seeds [95% stratified-bootstrap interval]; every lr picked on 16 validation seeds. "
+                 "Files: " + ", ".join(f"[results/{f}](results/{f})" for f in present) + ".")
     return "\n".join(lines)
 
 
@@ -198,7 +221,7 @@ def plot_screens(path: str) -> None:
 
 def tables() -> dict[str, str]:
     return {**{name: gridworld_table(files) for name, files in TABLES.items()}, "brax": brax_table(),
-            "meta-screens": screens_table()}
+            "meta-screens": screens_table(), "policy-only-seeds": seeds_table()}
 
 
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)\n?(<!-- /table:(?P=name) -->)", re.S)
