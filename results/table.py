@@ -70,7 +70,7 @@ POLICY_ONLY = "--normalize-step --lopt-lr 1e-2 --meta-loss-scale td --meta-value
 # The kept optimizer of `python train_lopt.py --env-group gridworld <POLICY_ONLY> --seed S` (its final evaluation's
 # eval.json; seed 0's meta-training ran with --no-final-eval, then --eval-only on its optimizer_best.msgpack)
 SEED_FILES = {f"gridworld_policy_only_s{seed}_1e5.json": seed for seed in (0, 1, 2)}
-SEED_ROWS = ("lopt", "lopt_tuned", "sign_sgd", "adam")
+SEED_ROWS = ("lopt", "lopt_tuned", "lopt_init", "sign_sgd", "adam")
 TABLES = {  # table name -> result files, in row order
     "gridworld": ["gridworld_shipped_1e5.json", "gridworld_shipped_1e6.json"],
     "gridworld-previous": ["gridworld_previous_1e5.json", "gridworld_previous_1e6.json"],
@@ -122,7 +122,8 @@ def seeds_table() -> str:
     present = [f for f in SEED_FILES if os.path.exists(os.path.join(HERE, f))]
     if not present:
         return "_(no result files yet)_"
-    lines = ["| meta-seed | kept at meta-step | " + " | ".join(ROWS[n] for n in SEED_ROWS) + " |",
+    labels = {**ROWS, "lopt_init": "its meta-step-0 self (sign-SGD), same lr"}
+    lines = ["| meta-seed | kept at meta-step | " + " | ".join(labels[n] for n in SEED_ROWS) + " |",
              "|---:|---:|" + "---:|" * len(SEED_ROWS)]
     for name in present:
         report = load(name)
