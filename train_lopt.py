@@ -367,7 +367,8 @@ def with_grad_clip(tx: optax.GradientTransformation, grad_clip: float | None) ->
 
 
 def clipped_learned_optimizer(net: nn.Module, lopt_params, learning_rate, grad_clip: float | None,
-                              chunk_size: int | None = None, normalize_step: bool = False) -> optax.GradientTransformation:
+                              chunk_size: int | None = None,
+                              normalize_step: bool = False) -> optax.GradientTransformation:
     """The learned optimizer as agents use it everywhere: element-wise clip, then the network's step."""
     return with_grad_clip(learned_optimizer(net, lopt_params, learning_rate, chunk_size, normalize_step), grad_clip)
 
@@ -579,10 +580,10 @@ def agent_meta_loss(lopt_params, task: Task, agent: Agent, reset_key, reset_now,
     meta-gradient flows through the optimizer's updates, the rollouts and the agent's gradients are constants to it.
     The meta-loss is the A2C loss of the updated agent on its next rollout, its value term weighted by
     meta_value_coef (0.5: the agents' own loss); with meta_loss_scale "td" the policy term is divided by the
-    rollout's RMS TD error (a constant) and the value term by its square. The returned agent, after that rollout, carries no meta-gradient:
-    it continues at the next meta-step. The diagnostics (no gradient) are the meta-loss's three terms and the mean
-    absolute change per inner update of the parameters that moved, which is exactly lr for sign-SGD (Optim4RL at
-    meta-step 0; parameters with a zero gradient do not move under either).
+    rollout's RMS TD error (a constant) and the value term by its square. The returned agent, after that rollout,
+    carries no meta-gradient: it continues at the next meta-step. The diagnostics (no gradient) are the meta-loss's
+    three terms and the mean absolute change per inner update of the parameters that moved, which is exactly lr for
+    sign-SGD (Optim4RL at meta-step 0; parameters with a zero gradient do not move under either).
     """
     tx = make_tx(lopt_params)
     # Reset on schedule, or if the agent diverged (non-finite parameters).
@@ -719,8 +720,8 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
             (loss, (population, return_sum, return_count, diagnostics)), grad = population_meta_grad(
                 state.lopt_params, task, population, task_key, state.meta_step
             )
-            # Not normalised per task, as in the paper: the reward scales (1e0..1e3) weight the tasks, so the small
-            # grids, whose agents learn within a lifetime, lead (README, "What changed: task weighting").
+            # Summed as they are: with --meta-loss-scale td each task's meta-loss is in TD-error units; with 'raw'
+            # (the paper's) the reward scales (1e0..1e3) weight the tasks (docs/results.md, "Task weighting").
             grads.append(grad)
             populations.append(population)
             metrics.append(dict(meta_loss=loss, return_sum=return_sum.sum(), return_count=return_count.sum(),

@@ -186,7 +186,8 @@ def screens_table() -> str:
     present = [f for f in SCREENS if os.path.exists(os.path.join(HERE, "meta_screens", f))]
     if not present:
         return "_(no result files yet)_"
-    lines = ["| flags | steps run | validation at 0 | best (step) | last | last / best |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| flags | steps run | validation at 0 | best (step) | last | last / best |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name in present:
         steps, scores = load_screen(name)
         best = int(np.argmax(scores))
