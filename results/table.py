@@ -71,6 +71,9 @@ POLICY_ONLY = "--normalize-step --lopt-lr 1e-2 --meta-loss-scale td --meta-value
 # eval.json; seed 0's meta-training ran with --no-final-eval, then --eval-only on its optimizer_best.msgpack)
 SEED_FILES = {f"gridworld_policy_only_s{seed}_1e5.json": seed for seed in (0, 1, 2)}
 SEED_ROWS = ("lopt", "lopt_tuned", "lopt_init", "sign_sgd", "adam")
+# meta_screens/ file -> meta-seed: the default recipe's validation over 2000 meta-steps (the runs of SEED_FILES,
+# resumed with --resume --meta-steps 2000 --no-final-eval)
+LONG_RUNS = {f"policy_only_s{seed}_2000.csv": seed for seed in (0, 1, 2)}
 TABLES = {  # table name -> result files, in row order
     "gridworld": ["gridworld_shipped_1e5.json", "gridworld_shipped_1e6.json"],
     "gridworld-previous": ["gridworld_previous_1e5.json", "gridworld_previous_1e6.json"],
@@ -221,9 +224,28 @@ def plot_screens(path: str) -> None:
     plt.close(fig)
 
 
+def long_runs_table() -> str:
+    present = [f for f in LONG_RUNS if os.path.exists(os.path.join(HERE, "meta_screens", f))]
+    if not present:
+        return "_(no result files yet)_"
+    lines = ["| meta-seed | meta-steps | validation at 0 | best (meta-step) | at 1000 | last | last / best |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in present:
+        steps, scores = load_screen(name)
+        best = int(np.argmax(scores))
+        at_1000 = scores[list(steps).index(1000)] if 1000 in steps else float("nan")
+        lines.append(f"| {LONG_RUNS[name]} | {steps[-1]} | {scores[0]:.2f} | {scores[best]:.2f} ({steps[best]}) | "
+                     f"{at_1000:.2f} | {scores[-1]:.2f} | {scores[-1] / scores[best]:.2f} |")
+    lines.append("")
+    lines.append("Validation score (1 = tuned Adam) of the default recipe, every 25 meta-steps. Files: "
+                 + ", ".join(f"[results/meta_screens/{f}](results/meta_screens/{f})" for f in present) + ".")
+    return "\n".join(lines)
+
+
 def tables() -> dict[str, str]:
     return {**{name: gridworld_table(files) for name, files in TABLES.items()}, "brax": brax_table(),
-            "meta-screens": screens_table(), "policy-only-seeds": seeds_table()}
+            "meta-screens": screens_table(), "policy-only-seeds": seeds_table(),
+            "policy-only-2000": long_runs_table()}
 
 
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)\n?(<!-- /table:(?P=name) -->)", re.S)
