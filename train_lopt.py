@@ -105,7 +105,7 @@ class Args:
     meta_grad_clip: float = 1.0
     """clip the (task-averaged) meta-gradient to this global norm"""
     # The defaults below (policy term only, in TD units, a normalised step from sign-SGD's tuned lr) are the one
-    # recipe measured stable on 3 meta-seeds; the paper's A2C meta-loss trains an optimizer that serves the critic,
+    # recipe that did not collapse on 3 meta-seeds; the paper's A2C meta-loss trains an optimizer that serves the critic,
     # and collapses (--preset paper keeps it; docs/results.md, "What was tried").
     meta_value_coef: float = 0.0
     """weight of the value term in the meta-loss (0.5: the A2C loss the agents minimise, as in the paper; 0: the
