@@ -52,18 +52,19 @@ BRAX_FILES = {
     "brax_hopper_adam_brax.json": f"{BRAX} --env hopper --optimizers adam_brax",
 }
 SCREEN = "python train_lopt.py --env-group gridworld --no-final-eval --seed 0"
-# meta_screens/ file -> the flags added to SCREEN (a run stopped early is marked so in the table)
+PAPER_LOSS = "--meta-value-coef 0.5 --meta-loss-scale raw"  # the paper's meta-loss; the default is policy-only, td
+OLD_DEFAULT = f"{PAPER_LOSS} --no-normalize-step --lopt-lr 3e-3"  # the bare command before 2026-11-29
+# meta_screens/ file -> the flags added to SCREEN, relative to today's defaults (a run stopped early is marked so)
 SCREENS = {
-    "default.csv": "",
-    "num_agents_32.csv": "--num-agents 32",
-    "td.csv": "--meta-loss-scale td",
-    "normalize_step_lr_1e-2.csv": "--normalize-step --lopt-lr 1e-2",
-    "normalize_step_lr_1e-2_td.csv": "--normalize-step --lopt-lr 1e-2 --meta-loss-scale td",
-    "normalize_step_lr_1e-2_k16.csv": "--normalize-step --lopt-lr 1e-2 --inner-updates 16",
-    "normalize_step_lr_1e-2_envs_32.csv": "--normalize-step --lopt-lr 1e-2 --num-envs 32",
-    "normalize_step_lr_1e-2_meta_lr_1e-4.csv": "--normalize-step --lopt-lr 1e-2 --meta-lr 1e-4",
-    "normalize_step_lr_1e-2_td_policy_only.csv": "--normalize-step --lopt-lr 1e-2 --meta-loss-scale td "
-                                                 "--meta-value-coef 0",
+    "default.csv": OLD_DEFAULT,
+    "num_agents_32.csv": f"{OLD_DEFAULT} --num-agents 32",
+    "td.csv": "--meta-value-coef 0.5 --no-normalize-step --lopt-lr 3e-3",
+    "normalize_step_lr_1e-2.csv": PAPER_LOSS,
+    "normalize_step_lr_1e-2_td.csv": "--meta-value-coef 0.5",
+    "normalize_step_lr_1e-2_k16.csv": f"{PAPER_LOSS} --inner-updates 16",
+    "normalize_step_lr_1e-2_envs_32.csv": f"{PAPER_LOSS} --num-envs 32",
+    "normalize_step_lr_1e-2_meta_lr_1e-4.csv": f"{PAPER_LOSS} --meta-lr 1e-4",
+    "normalize_step_lr_1e-2_td_policy_only.csv": "",
     "es_pilot.csv": "ES pilot: python benchmarks/es_pilot.py --es-steps 30 (8 antithetic pairs x 4 seeds per task)",
 }
 POLICY_ONLY = "--normalize-step --lopt-lr 1e-2 --meta-loss-scale td --meta-value-coef 0"
@@ -194,7 +195,7 @@ def screens_table() -> str:
     for name in present:
         steps, scores = load_screen(name)
         best = int(np.argmax(scores))
-        flags = SCREENS[name] if name.startswith("es_") else f"`{SCREENS[name] or '(bare command)'}`"
+        flags = SCREENS[name] if name.startswith("es_") else f"`{SCREENS[name] or '(none: the default today)'}`"
         lines.append(f"| {flags} | {steps[-1]} | {scores[0]:.2f} | {scores[best]:.2f} ({steps[best]}) | "
                      f"{scores[-1]:.2f} | {scores[-1] / scores[best]:.2f} |")
     lines.append("")
@@ -215,7 +216,7 @@ def plot_screens(path: str) -> None:
     for i, name in enumerate(f for f in SCREENS if not f.startswith("es_")):
         if os.path.exists(os.path.join(HERE, "meta_screens", name)):
             ax.plot(*load_screen(name), color=f"C{i % 10}", ls="-" if i < 10 else "--",
-                    label=SCREENS[name] or "(bare command)")
+                    label=SCREENS[name] or "(today's default)")
     ax.axhline(1.0, color="gray", lw=1, ls=":", label="tuned Adam")
     ax.set(xlabel="meta-step", ylabel="validation score (1 = tuned Adam)", title="meta-training screens, meta-seed 0")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
