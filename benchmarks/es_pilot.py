@@ -21,13 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tyro
 from jax.flatten_util import ravel_pytree
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_lopt as tl  # noqa: E402
 from common import run_cli  # noqa: E402
-
-import tyro  # noqa: E402
 
 
 @dataclass

@@ -186,6 +186,16 @@ def load_screen(name: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([int(r[step]) for r in rows]), np.array([float(r["val_score"]) for r in rows])
 
 
+def trajectory_cells(name: str, at: tuple[int, ...] = ()) -> list[str]:
+    """Table cells of a validation curve: steps run, score at 0, best (its step), at each step of `at`, last,
+    last / best."""
+    steps, scores = load_screen(name)
+    best = int(np.argmax(scores))
+    middle = [f"{scores[list(steps).index(s)]:.2f}" if s in steps else "n/a" for s in at]
+    return [str(steps[-1]), f"{scores[0]:.2f}", f"{scores[best]:.2f} ({steps[best]})", *middle,
+            f"{scores[-1]:.2f}", f"{scores[-1] / scores[best]:.2f}"]
+
+
 def screens_table() -> str:
     present = [f for f in SCREENS if os.path.exists(os.path.join(HERE, "meta_screens", f))]
     if not present:
@@ -193,11 +203,8 @@ def screens_table() -> str:
     lines = ["| flags | steps run | validation at 0 | best (step) | last | last / best |",
              "|---|---:|---:|---:|---:|---:|"]
     for name in present:
-        steps, scores = load_screen(name)
-        best = int(np.argmax(scores))
         flags = SCREENS[name] if name.startswith("es_") else f"`{SCREENS[name] or '(none: the default today)'}`"
-        lines.append(f"| {flags} | {steps[-1]} | {scores[0]:.2f} | {scores[best]:.2f} ({steps[best]}) | "
-                     f"{scores[-1]:.2f} | {scores[-1] / scores[best]:.2f} |")
+        lines.append("| " + " | ".join([flags, *trajectory_cells(name)]) + " |")
     lines.append("")
     lines.append(f"Validation score (mean normalised final return on 16 validation seeds per small grid, 1 = tuned "
                  f"Adam) of `{SCREEN}` plus the flags; meta-seed 0, 1000 meta-steps unless fewer were run (a run "
@@ -232,11 +239,7 @@ def long_runs_table() -> str:
     lines = ["| meta-seed | meta-steps | validation at 0 | best (meta-step) | at 1000 | last | last / best |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for name in present:
-        steps, scores = load_screen(name)
-        best = int(np.argmax(scores))
-        at_1000 = scores[list(steps).index(1000)] if 1000 in steps else float("nan")
-        lines.append(f"| {LONG_RUNS[name]} | {steps[-1]} | {scores[0]:.2f} | {scores[best]:.2f} ({steps[best]}) | "
-                     f"{at_1000:.2f} | {scores[-1]:.2f} | {scores[-1] / scores[best]:.2f} |")
+        lines.append("| " + " | ".join([str(LONG_RUNS[name]), *trajectory_cells(name, at=(1000,))]) + " |")
     lines.append("")
     lines.append("Validation score (1 = tuned Adam) of the default recipe, every 25 meta-steps. Files: "
                  + ", ".join(f"[results/meta_screens/{f}](results/meta_screens/{f})" for f in present) + ".")
