@@ -335,6 +335,31 @@ def atomic_write(path: str, write: Any) -> None:
                 pass  # the error that brought us here is the one worth reporting
 
 
+REPOSITORY = os.path.dirname(os.path.abspath(__file__))
+
+
+def recorded(value: Any) -> Any:
+    """`value` as a result or checkpoint file records it: every absolute path in it (a string, or the strings of
+    a dict, list or command line) becomes relative to the repository when inside it, else its file name alone.
+    Committed evidence then names files of the repository, never the machine or the scratch folder it came from."""
+    if isinstance(value, dict):
+        return {k: recorded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [recorded(v) for v in value]
+    if not isinstance(value, str) or "/" not in value:
+        return value
+    if " " in value:  # a command line: token by token, `--flag=/path` included
+        return " ".join(recorded(token) for token in value.split(" "))
+    if "=" in value and value.startswith("-"):
+        flag, path = value.split("=", 1)
+        return f"{flag}={recorded(path)}"
+    if not os.path.isabs(value):
+        return value
+    if os.path.commonpath([value, REPOSITORY]) == REPOSITORY:
+        return os.path.relpath(value, REPOSITORY)
+    return os.path.basename(value.rstrip("/")) or value
+
+
 def save_msgpack(path: str, tree: Any) -> None:
     """Write a pytree of arrays/dicts atomically with flax's msgpack serialisation."""
     data = serialization.msgpack_serialize(serialization.to_state_dict(jax.device_get(tree)))

@@ -38,10 +38,12 @@ from brax.training.agents.ppo import networks as brax_ppo_networks
 from common import (
     PRETRAINED_OPTIMIZER,
     UserError,
+    atomic_write,
     check_args,
     check_writable_dir,
     format_duration,
     iqm_interval,
+    recorded,
     run_cli,
 )
 
@@ -500,12 +502,11 @@ def main(args: Args) -> None:
         # Written after every optimizer, so an interrupted comparison keeps what finished.
         write_returns_csv(os.path.join(folder, "returns.csv"), curves, env_steps)
         plot_returns(os.path.join(folder, "returns.png"), curves, env_steps, f"PPO on {args.env} ({args.backend})")
-        with open(os.path.join(folder, "summary.json"), "w") as f:
-            json.dump({"env": args.env, "backend": args.backend, "optimizers": summary,
-                       "env_steps_per_seed": int(env_steps[-1]), "num_seeds": args.num_seeds,
-                       "settings": dataclasses.asdict(args),
-                       "command": "python eval_brax.py " + " ".join(sys.argv[1:])},
-                      f, indent=2)
+        report = {"env": args.env, "backend": args.backend, "optimizers": summary,
+                  "env_steps_per_seed": int(env_steps[-1]), "num_seeds": args.num_seeds,
+                  "settings": recorded(dataclasses.asdict(args)),
+                  "command": recorded("python eval_brax.py " + " ".join(sys.argv[1:]))}
+        atomic_write(os.path.join(folder, "summary.json"), lambda f: f.write(json.dumps(report, indent=2).encode()))
     print(format_summary_table(summary))
     print(f"wrote {folder}/returns.csv, returns.png, summary.json")
 

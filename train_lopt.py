@@ -15,6 +15,7 @@ Reinforcement Learning, RLC 2024).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -58,6 +59,7 @@ from common import (
     load_arrays,
     load_msgpack,
     make_env,
+    recorded,
     run_cli,
     save_arrays,
     save_msgpack,
@@ -137,11 +139,9 @@ class Args:
     """continue <out-dir>/<run-name> from its last checkpoint"""
     log_every: Annotated[int, MayChange] = 10
     time_limit: Annotated[float | None, MayChange] = None
-    """wall-clock seconds for the whole command: meta-training stops in time to save and to run the final
-    evaluation (--eval-reserve) within it; --resume continues the run"""
-    eval_reserve: Annotated[float | None, MayChange] = None
-    """seconds of --time-limit kept for the final evaluation; default: estimated from the validation baselines when
-    validation covers the whole group, else a quarter of the limit (0 with --no-final-eval)"""
+    """wall-clock seconds for the whole command: the final evaluation's baselines run first, then meta-training
+    stops in time to save and to run the rest of the evaluation, timed beforehand; work that cannot fit is skipped
+    and named. --resume continues the run"""
     final_eval: Annotated[bool, MayChange] = True
     """evaluate the optimizer against the baselines after meta-training"""
     val_every: Annotated[int, MayChange] = 25
@@ -667,7 +667,7 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
                                          args.normalize_step)
 
     def init(key) -> MetaState:
-        key_lopt, key_pop, key = jax.random.split(key, 3)
+        key_lopt, key_pop, key = jax.random.split(key, 3)  # key_lopt: see initial_lopt_params
         lopt_params = init_lopt_params(net, key_lopt)
         tx = inner_tx(lopt_params)
         pop_keys = jax.random.split(key_pop, len(tasks))
@@ -746,6 +746,12 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
     )
 
 
+def initial_lopt_params(args: Args):
+    """The optimizer's parameters at meta-step 0 of a run with --seed (those make_meta_train's init draws)."""
+    key_lopt = jax.random.split(jax.random.PRNGKey(args.seed), 3)[0]
+    return jax.jit(partial(init_lopt_params, make_lopt_net(lopt_config(args))))(key_lopt)
+
+
 def meta_task_names(args: Args, group: tuple[str, ...]) -> tuple[str, ...]:
     """--meta-tasks: the tasks of the group that meta-training uses.
 
@@ -820,11 +826,17 @@ def baseline_optimizer(name: str, learning_rate) -> optax.GradientTransformation
     return {"adam": optax.adam, "rmsprop": optax.rmsprop, "sign_sgd": optax.sign_sgd}[name](learning_rate)
 
 
+class OutOfTime(Exception):
+    """A piece of work that would end past --time-limit, not started."""
+
+
 class TaskEvaluator:
     """Fresh A2C agents on one task: trains a batch of learning rates x seeds of one optimizer in one program.
 
     Learning rates and the learned optimizer's parameters are arguments of the compiled trainer, so a sweep or
-    another set of parameters (validation during meta-training) does not compile again.
+    another set of parameters (validation during meta-training) does not compile again. Each run's time, less the
+    compilation in it, is kept per program (run_s): --time-limit plans the rest of a run with it. With `deadline`
+    set, a run that would end past it raises OutOfTime instead of starting.
     """
 
     def __init__(self, args: Args, name: str, config: dict, steps: int):
@@ -834,9 +846,14 @@ class TaskEvaluator:
         self.num_updates = steps // (args.rollout_steps * args.eval_envs)
         self.net = make_lopt_net(config)
         self._trainers = {}
+        self.run_s: dict[tuple, float] = {}  # (kind, learning rates, seeds) -> seconds of its last run
+        self.deadline: Deadline | None = None
 
     def returns(self, kind: str, keys: jax.Array, lrs, lopt_params=None) -> np.ndarray:
         """Final returns [len(lrs), seeds] of `kind` (a baseline, 'lopt' with lopt_params, or 'random')."""
+        program, work = (kind, len(lrs), len(keys)), len(lrs) * len(keys) * self.num_updates
+        if self.deadline is not None:
+            self.deadline.check(self.run_s.get(program), work, f"{self.name}: {kind} x {len(lrs)} lr x {len(keys)}")
         if kind not in self._trainers:
             clip = self.config["grad_clip"]
 
@@ -849,11 +866,45 @@ class TaskEvaluator:
 
             train = make_a2c_train(self.task, make_tx, self.num_updates, random_policy=kind == "random")
             self._trainers[kind] = jax.jit(jax.vmap(jax.vmap(train, (0, None)), (None, (0, None))))
-        lrs = jnp.asarray(lrs, jnp.float32)
-        return final_returns(*self._trainers[kind](keys, (lrs, lopt_params)))
+        start, compiled_before = time.time(), compile_seconds()
+        returns = final_returns(*self._trainers[kind](keys, (jnp.asarray(lrs, jnp.float32), lopt_params)))
+        compile_s = compile_seconds() - compiled_before
+        self.run_s[program] = max(time.time() - start - compile_s, 0.0)
+        if self.deadline is not None:
+            self.deadline.record(compile_s, self.run_s[program], work)
+        return returns
 
     def lopt(self, lopt_params, keys: jax.Array, lr: float | None = None) -> np.ndarray:
         return self.returns("lopt", keys, [self.config["lopt_lr"] if lr is None else lr], lopt_params)[0]
+
+
+class Evaluators:
+    """One TaskEvaluator per (task, budget, optimizer config), so that validation and the final evaluation share
+    compiled programs where their budgets agree. `guarded(deadline)`: runs inside it raise OutOfTime where they
+    would end past the deadline."""
+
+    def __init__(self, args: Args):
+        self.args, self._made, self.deadline = args, {}, None
+
+    def __call__(self, name: str, config: dict, steps: int) -> TaskEvaluator:
+        key = (name, steps, json.dumps(config, sort_keys=True))
+        if key not in self._made:
+            self._made[key] = TaskEvaluator(self.args, name, config, steps)
+        self._made[key].deadline = self.deadline
+        return self._made[key]
+
+    @contextlib.contextmanager
+    def guarded(self, deadline: "Deadline | None"):
+        self._set_deadline(deadline)
+        try:
+            yield
+        finally:
+            self._set_deadline(None)
+
+    def _set_deadline(self, deadline: "Deadline | None") -> None:
+        self.deadline = deadline
+        for evaluator in self._made.values():
+            evaluator.deadline = deadline
 
 
 def selection_score(returns: np.ndarray) -> float:
@@ -883,26 +934,43 @@ def tune_learning_rate(returns_for, grid) -> tuple[float, dict]:
         results.update(returns_for([round_lr(best * (grid[-1] / grid[-2] if side == "up" else grid[0] / grid[1]))]))
 
 
-def evaluate_task(args: Args, name: str, config: dict, lopt_params, init_params, steps: int,
-                  cache: BaselineCache) -> dict:
-    """Every optimizer on one task: each baseline at the lr it scores best with on the validation seeds, the learned
-    optimizer at its meta-trained lr and at its best lr picked the same way; reported on the evaluation seeds."""
-    evaluator = TaskEvaluator(args, name, config, steps)
-    val_keys = evaluation_keys(name, VAL_STREAM, args.val_seeds, "--val-seeds")
-    eval_keys = evaluation_keys(name, EVAL_STREAM, args.eval_seeds, "--eval-seeds")
+def evaluate_baselines(args: Args, evaluator: TaskEvaluator, init_params, cache: BaselineCache) -> dict:
+    """The part of a task's evaluation that needs no meta-trained optimizer: each baseline at the lr it scores best
+    with on the validation seeds, the random policy, and the learned optimizer at meta-step 0 at its lr (lopt_init),
+    on the evaluation seeds. It also runs the learned optimizer once on the validation seeds, so that every program
+    evaluate_learned runs is compiled and timed (learned_seconds) before meta-training starts."""
+    val_keys = evaluation_keys(evaluator.name, VAL_STREAM, args.val_seeds, "--val-seeds")
+    eval_keys = evaluation_keys(evaluator.name, EVAL_STREAM, args.eval_seeds, "--eval-seeds")
     returns, lrs, sweeps = {}, {}, {}
     for kind in BASELINES:
-        lrs[kind], sweep = tune_learning_rate(
+        lrs[kind], sweeps[kind] = tune_learning_rate(
             lambda grid: cache.returns(evaluator, kind, VAL_STREAM, args.val_seeds, grid), LR_GRID)
         returns[kind] = cache.returns(evaluator, kind, EVAL_STREAM, args.eval_seeds, [lrs[kind]])[lrs[kind]]
-        sweeps[kind] = sweep
     returns["random"] = cache.returns(evaluator, "random", EVAL_STREAM, args.eval_seeds, [0.0])[0.0]
-    lr = float(config["lopt_lr"])
-    lrs["lopt"] = lrs["lopt_init"] = lr
-    returns["lopt"] = evaluator.lopt(lopt_params, eval_keys)
+    lrs["lopt_init"] = float(evaluator.config["lopt_lr"])
     returns["lopt_init"] = evaluator.lopt(init_params, eval_keys)
+    if ("lopt", 1, args.val_seeds) not in evaluator.run_s:
+        evaluator.lopt(init_params, val_keys)
+    return {"returns": returns, "lr": lrs, "sweeps": sweeps}
+
+
+def learned_seconds(args: Args, evaluator: TaskEvaluator) -> float:
+    """The most evaluate_learned can take on a task: its runs (two on the evaluation seeds, the sweep's on the
+    validation seeds, extensions included) at the times measured in evaluate_baselines; nothing compiles again."""
+    return (2 * evaluator.run_s[("lopt", 1, args.eval_seeds)]
+            + (len(LOPT_LR_FACTORS) + MAX_GRID_EXTENSIONS) * evaluator.run_s[("lopt", 1, args.val_seeds)])
+
+
+def evaluate_learned(args: Args, evaluator: TaskEvaluator, lopt_params, baselines: dict) -> dict:
+    """A task's evaluation, completed: evaluate_baselines' part and the learned optimizer at its meta-trained lr and
+    at the lr it scores best with on the validation seeds (one lr per run: the programs timed beforehand)."""
+    val_keys = evaluation_keys(evaluator.name, VAL_STREAM, args.val_seeds, "--val-seeds")
+    eval_keys = evaluation_keys(evaluator.name, EVAL_STREAM, args.eval_seeds, "--eval-seeds")
+    returns, lrs, sweeps = dict(baselines["returns"]), dict(baselines["lr"]), dict(baselines["sweeps"])
+    lr = lrs["lopt"] = float(evaluator.config["lopt_lr"])
+    returns["lopt"] = evaluator.lopt(lopt_params, eval_keys)
     lrs["lopt_tuned"], sweeps["lopt"] = tune_learning_rate(
-        lambda grid: dict(zip(grid, evaluator.returns("lopt", val_keys, grid, lopt_params))),
+        lambda grid: {g: evaluator.lopt(lopt_params, val_keys, g) for g in grid},
         [round_lr(lr * f) for f in LOPT_LR_FACTORS])
     returns["lopt_tuned"] = (returns["lopt"] if math.isclose(lrs["lopt_tuned"], lr)
                              else evaluator.lopt(lopt_params, eval_keys, lrs["lopt_tuned"]))
@@ -910,16 +978,40 @@ def evaluate_task(args: Args, name: str, config: dict, lopt_params, init_params,
             "lr_sweep": {k: {lr: selection_score(r) for lr, r in sorted(s.items())} for k, s in sweeps.items()}}
 
 
-def evaluate(args: Args, task_names, config: dict, lopt_params, init_params, log=print) -> dict:
-    """{task: evaluate_task(...)} at --eval-steps, baselines cached under <out-dir>/baseline_cache."""
-    cache = BaselineCache(os.path.join(args.out_dir, "baseline_cache"))
-    results = {}
-    for name in task_names:
-        start = time.time()
-        results[name] = evaluate_task(args, name, config, lopt_params, init_params, args.eval_steps, cache)
-        log(f"  eval {name}: {time.time() - start:.0f}s "
-            + " ".join(f"{k}={np.mean(v):.2f}" for k, v in results[name]["returns"].items()))
-    return results
+class FinalEvaluation:
+    """The tuned comparison on every task of the final evaluation (--eval-steps, baselines cached under
+    <out-dir>/baseline_cache), in two parts: `prepare` runs evaluate_baselines before meta-training, so that the
+    rest, `finish` (evaluate_learned), has a measured cost (`seconds`) that --time-limit keeps free."""
+
+    def __init__(self, args: Args, task_names, config: dict, evaluators: Evaluators):
+        self.args, self.task_names, self.config, self.evaluators = args, tuple(task_names), config, evaluators
+        self.cache = BaselineCache(os.path.join(args.out_dir, "baseline_cache"))
+        self.baselines: dict = {}
+
+    def _evaluator(self, name: str) -> TaskEvaluator:
+        return self.evaluators(name, self.config, self.args.eval_steps)
+
+    def prepare(self, init_params, deadline: "Deadline | None" = None, log=print) -> None:
+        """evaluate_baselines on every task; with a deadline, OutOfTime where a run would end past it."""
+        with self.evaluators.guarded(deadline):
+            for name in self.task_names:
+                start = time.time()
+                self.baselines[name] = evaluate_baselines(self.args, self._evaluator(name), init_params, self.cache)
+                log(f"  eval {name}, baselines: {time.time() - start:.0f}s "
+                    + " ".join(f"{k}={np.mean(v):.2f}" for k, v in self.baselines[name]["returns"].items()))
+
+    def seconds(self) -> float:
+        return sum(learned_seconds(self.args, self._evaluator(name)) for name in self.task_names)
+
+    def finish(self, lopt_params, log=print) -> dict:
+        """{task: per-seed returns, learning rates and sweeps} of every optimizer."""
+        results = {}
+        for name in self.task_names:
+            start = time.time()
+            results[name] = evaluate_learned(self.args, self._evaluator(name), lopt_params, self.baselines[name])
+            log(f"  eval {name}, learned optimizer: {time.time() - start:.0f}s "
+                + " ".join(f"{k}={np.mean(results[name]['returns'][k]):.2f}" for k in ("lopt", "lopt_tuned")))
+        return results
 
 
 # --- Statistics: normalised scores; IQM and its stratified-bootstrap interval are in common.py ---
@@ -957,31 +1049,40 @@ class Validator:
     them (--val-seeds x --val-steps per task), over the meta-training tasks where tuned Adam beats random.
 
     Tuned Adam (the lr sweep of the final evaluation, on the same validation seeds; cached) and the random policy
-    are the normalisers. The seeds come from the validation stream, never the final evaluation's agents.
+    are the normalisers. The seeds come from the validation stream, never the final evaluation's agents. With a
+    deadline, building it raises OutOfTime where a baseline's run would end past it.
     """
 
-    def __init__(self, args: Args, task_names, log=print):
-        start, evaluators, self.baselines = time.time(), {}, {}
+    def __init__(self, args: Args, task_names, evaluators: Evaluators | None = None,
+                 deadline: "Deadline | None" = None, log=print):
+        start, evaluators, self.baselines = time.time(), evaluators or Evaluators(args), {}
         cache = BaselineCache(os.path.join(args.out_dir, "baseline_cache"))
-        self.keys = {}
-        for name in task_names:
-            evaluators[name] = evaluator = TaskEvaluator(args, name, lopt_config(args), args.val_steps)
-            adam_lr, sweep = tune_learning_rate(
-                lambda grid: cache.returns(evaluator, "adam", VAL_STREAM, args.val_seeds, grid), LR_GRID)
-            rand = cache.returns(evaluator, "random", VAL_STREAM, args.val_seeds, [0.0])[0.0]
-            self.baselines[name] = {"adam": sweep[adam_lr], "random": rand}
-            self.keys[name] = evaluation_keys(name, VAL_STREAM, args.val_seeds, "--val-seeds")
+        self.keys, chosen = {}, {}
+        with evaluators.guarded(deadline):
+            for name in task_names:
+                chosen[name] = evaluator = evaluators(name, lopt_config(args), args.val_steps)
+                adam_lr, sweep = tune_learning_rate(
+                    lambda grid: cache.returns(evaluator, "adam", VAL_STREAM, args.val_seeds, grid), LR_GRID)
+                rand = cache.returns(evaluator, "random", VAL_STREAM, args.val_seeds, [0.0])[0.0]
+                self.baselines[name] = {"adam": sweep[adam_lr], "random": rand}
+                self.keys[name] = evaluation_keys(name, VAL_STREAM, args.val_seeds, "--val-seeds")
         # Tasks where Adam does not beat random at this budget would add noise; if that is all of them, use all.
         informative = [t for t in task_names if adam_beats_random(self.baselines[t])] or list(task_names)
-        self.evaluators = {t: evaluators[t] for t in informative}
+        self.evaluators = {t: chosen[t] for t in informative}
         log(f"validation on {', '.join(informative)} ({args.val_seeds} seeds x {args.val_steps:,} env steps, "
             f"normalised by tuned Adam); baselines took {format_duration(time.time() - start)}")
-        self.baselines_s = time.time() - start
 
-    def __call__(self, lopt_params) -> float:
-        return float(np.mean([np.mean(normalized_scores({"lopt": e.lopt(lopt_params, self.keys[name]),
-                                                          **self.baselines[name]}, "lopt"))
-                              for name, e in self.evaluators.items()]))
+    def __call__(self, lopt_params, deadline: "Deadline | None" = None) -> float:
+        """The score; with a deadline, OutOfTime where a run would end past it."""
+        scores = []
+        for name, evaluator in self.evaluators.items():
+            evaluator.deadline = deadline
+            try:
+                returns = evaluator.lopt(lopt_params, self.keys[name])
+            finally:
+                evaluator.deadline = None
+            scores.append(np.mean(normalized_scores({"lopt": returns, **self.baselines[name]}, "lopt")))
+        return float(np.mean(scores))
 
 
 # ================================================================================================
@@ -1100,8 +1201,8 @@ TRAIN_STATE = "train_state.npy"  # the whole MetaState, for --resume: a JSON hea
 def optimizer_checkpoint(args: Args, lopt_params, init_params, meta_step: int, **extra) -> dict:
     """What optimizer.msgpack holds: the network's config and parameters, and how they were made."""
     return {"config": lopt_config(args), "params": lopt_params, "init_params": init_params, "meta_step": meta_step,
-            "command": "python train_lopt.py " + " ".join(sys.argv[1:]),
-            "settings": json.dumps(dataclasses.asdict(args)), **extra}
+            "command": recorded("python train_lopt.py " + " ".join(sys.argv[1:])),
+            "settings": json.dumps(recorded(dataclasses.asdict(args))), **extra}
 
 
 def read_optimizer_checkpoint(path: str) -> dict:
@@ -1262,24 +1363,50 @@ class BaselineCache:
 # --- Time limit ---
 
 
+_compiled_s = [0.0]  # seconds spent tracing, lowering and compiling programs in this process so far
+COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration"}  # jax.monitoring's names; they do not overlap
+
+
+def _count_compilation(event: str, seconds: float, **_) -> None:
+    if event in COMPILE_EVENTS:
+        _compiled_s[0] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compilation)
+
+
+def compile_seconds() -> float:
+    return _compiled_s[0]
+
+
+RESERVE_SLACK, FINISH_S = 1.25, 3.0  # the evaluation's measured cost x 1.25, + writing eval.json and the plot
+
+
 class Deadline:
-    """--time-limit: whether another piece of work of a given length still fits, with the final evaluation's
-    share (--eval-reserve) kept free."""
+    """--time-limit as a wall for the whole command: whether a piece of work of a given length still fits, with
+    `reserve` seconds kept free for what must follow it (the learned optimizer's evaluation, timed beforehand)."""
 
-    def __init__(self, args: Args, clock_start: float):
-        self.limit, self.start, self.args = args.time_limit, clock_start, args
-        default_reserve = 0.25 * args.time_limit if args.time_limit and args.final_eval else 0.0
-        self.reserve = default_reserve if args.eval_reserve is None else args.eval_reserve
+    def __init__(self, limit: float | None, start: float):
+        self.limit, self.start, self.reserve = limit, start, 0.0
+        self.compile_s, self.s_per_work = 0.0, 0.0  # the longest compilation, the slowest run per unit of work
 
-    def estimate_evaluation(self, baselines_s: float) -> None:
-        """Without --eval-reserve, keep what the final evaluation should take, judged by the validation's two
-        baselines (compilation included): it trains five optimizers, on the evaluation's seeds and steps."""
-        if self.limit and self.args.final_eval and self.args.eval_reserve is None:
-            work = (self.args.eval_seeds * self.args.eval_steps) / (self.args.val_seeds * self.args.val_steps)
-            self.reserve = 2.5 * baselines_s * work
+    def left(self) -> float:
+        return math.inf if self.limit is None else self.limit - (time.time() - self.start)
 
     def allows(self, seconds: float) -> bool:
-        return self.limit is None or time.time() - self.start + seconds + self.reserve <= self.limit
+        return seconds + self.reserve <= self.left()
+
+    def record(self, compile_s: float, run_s: float, work: int) -> None:
+        self.compile_s, self.s_per_work = max(self.compile_s, compile_s), max(self.s_per_work, run_s / work)
+
+    def check(self, run_s: float | None, work: int, what: str) -> None:
+        """Raise OutOfTime where a run would end past the deadline: a program that ran before takes its measured
+        time; a new one the longest compilation so far plus its work at the slowest rate so far (the first run of
+        the command has nothing to go by, and starts)."""
+        estimate = run_s if run_s is not None else self.compile_s + self.s_per_work * work
+        if not self.allows(estimate):
+            raise OutOfTime(f"{what} needs ~{estimate:.0f}s, {max(self.left() - self.reserve, 0):.0f}s left")
 
 
 # --- Metrics, plots and the evaluation report ---
@@ -1415,7 +1542,7 @@ def write_eval(folder: str, args: Args, results: dict, lopt_path: str, lopt_step
         "aggregate": {"tasks": summary["informative_tasks"],
                       "normalized_iqm_ci": {n: [finite(x) for x in s] for n, s in summary["aggregate"].items()}},
         "eval_seeds": args.eval_seeds, "val_seeds": args.val_seeds, "eval_steps": args.eval_steps,
-        "eval_envs": args.eval_envs, "lopt_path": lopt_path, "lopt_meta_step": lopt_step,
+        "eval_envs": args.eval_envs, "lopt_path": recorded(lopt_path), "lopt_meta_step": lopt_step,
     }
     os.makedirs(folder, exist_ok=True)
     atomic_write(os.path.join(folder, "eval.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
@@ -1434,16 +1561,24 @@ class MetaTrainResult(NamedTuple):
     meta_step: int  # meta-steps done; below --meta-steps when --time-limit stopped the run
 
 
-def meta_train(args: Args, task_names, folder: str, clock_start: float | None = None) -> MetaTrainResult:
-    """Meta-train, validating and checkpointing as asked; stops early only for --time-limit (or bad meta-steps), or
-    on SIGINT/SIGTERM: then after the meta-step in progress, saving, and raising Interrupted."""
-    deadline = Deadline(args, time.time() if clock_start is None else clock_start)
+def check_run_folder(args: Args, folder: str) -> None:
+    """--resume needs a saved run in the folder, and a new run an empty one (checked before anything compiles)."""
     state_path, older = os.path.join(folder, TRAIN_STATE), os.path.join(folder, "train_state.msgpack")
     if args.resume and not os.path.exists(state_path):
         note = " (train_state.msgpack is from an older version of this script)" if os.path.exists(older) else ""
         raise UserError(f"cannot resume {folder}: no saved train state {state_path}{note}")
     if not args.resume and (os.path.exists(state_path) or os.path.exists(older)):
         raise UserError(f"{folder} already holds a run; pass --resume to continue it or choose another --run-name")
+
+
+def meta_train(args: Args, task_names, folder: str, deadline: Deadline | None = None,
+               evaluators: Evaluators | None = None) -> MetaTrainResult:
+    """Meta-train, validating and checkpointing as asked; stops early only at the deadline (--time-limit, keeping
+    its reserve free) or for bad meta-steps, or on SIGINT/SIGTERM: then after the meta-step in progress, saving, and
+    raising Interrupted."""
+    deadline = deadline or Deadline(args.time_limit, time.time())
+    check_run_folder(args, folder)
+    state_path = os.path.join(folder, TRAIN_STATE)
     init, meta_step, state_sharding, *_ = make_meta_train(args, task_names)
     state = init(jax.random.PRNGKey(args.seed))
     init_params = host_copy(state.lopt_params)  # meta_step donates the state's buffers
@@ -1468,16 +1603,18 @@ def meta_train(args: Args, task_names, folder: str, clock_start: float | None = 
             write_metrics(metrics_path, [])
             with open(os.path.join(folder, "args.json"), "w") as f:
                 json.dump(dataclasses.asdict(args), f, indent=2)
-        validator = Validator(args, task_names) if args.val_every else None
-        if validator and tuple(task_names) == ENV_GROUPS[args.env_group]:  # else they predict the evaluation badly
-            deadline.estimate_evaluation(validator.baselines_s)
-        val_s = 0.0
+        validator, val_s = None, 0.0
+        if args.val_every:
+            try:
+                validator = Validator(args, task_names, evaluators, deadline)
+            except OutOfTime as late:
+                print(f"--time-limit {args.time_limit:g}s: no validation ({late}); the last optimizer is kept")
 
-        def validate(done: int, lopt_params) -> float:
+        def validate(done: int, lopt_params, deadline: Deadline | None = None) -> float:
             """Score the parameters; keep them as optimizer_best.msgpack (atomically) if they beat the best so far."""
             nonlocal best, val_s
             start = time.time()
-            score = validator(lopt_params)
+            score = validator(lopt_params, deadline)
             val_s = time.time() - start
             if math.isfinite(score) and (best is None or score > best[0]):  # diverged agents score NaN: never the best
                 best = (score, done, host_copy(lopt_params))
@@ -1490,10 +1627,15 @@ def meta_train(args: Args, task_names, folder: str, clock_start: float | None = 
               f"{args.meta_steps} meta-steps, {steps_per_meta_step} env steps per meta-step, on "
               f"{jax.device_count()} {jax.devices()[0].device_kind} device(s) (jax {jax.__version__})")
         if validator and best is None:
-            score = validate(int(state.meta_step), state.lopt_params)
-            print(f"validation at meta-step {int(state.meta_step)}: {score:.2f} ({format_duration(val_s)})")
-            row = metrics_row(int(state.meta_step), steps_per_meta_step, bad_steps_total, {}, {}, task_names, score)
-            write_metrics(metrics_path, [row], append=True)
+            try:
+                score = validate(int(state.meta_step), state.lopt_params, deadline)
+                print(f"validation at meta-step {int(state.meta_step)}: {score:.2f} ({format_duration(val_s)})")
+                row = metrics_row(int(state.meta_step), steps_per_meta_step, bad_steps_total, {}, {}, task_names,
+                                  score)
+                write_metrics(metrics_path, [row], append=True)
+            except OutOfTime as late:
+                print(f"--time-limit {args.time_limit:g}s: no validation ({late}); the last optimizer is kept")
+                validator = None
         consecutive_bad, compile_start, step_s = 0, time.time(), None
         timer_start, timer_step = None, None
         # Summed over the meta-steps since the last log line: one meta-step ends only a few episodes per task.
@@ -1505,16 +1647,18 @@ def meta_train(args: Args, task_names, folder: str, clock_start: float | None = 
             if stop.signum is not None:
                 break
             next_val = validator and ((step + 1) % args.val_every == 0 or step + 1 == args.meta_steps)
-            needed = (step_s or 0.0) + checkpointer.blocked_s + (val_s if next_val else 0.0)
-            if step_s is not None and not deadline.allows(needed):
-                print(f"--time-limit {args.time_limit:g}s: stopped after meta-step {done} of {args.meta_steps}, "
-                      f"keeping {deadline.reserve:.0f}s for the evaluation; --resume continues the run")
+            # Before the first meta-step, whose compilation is to come, the longest compilation so far stands for it.
+            needed = (deadline.compile_s if step_s is None else step_s) + checkpointer.blocked_s + (
+                val_s if next_val else 0.0)
+            if not deadline.allows(needed):
+                kept = f", keeping {deadline.reserve:.0f}s for the evaluation" if deadline.reserve else ""
+                print(f"--time-limit {args.time_limit:g}s: stopped after meta-step {done} of {args.meta_steps}"
+                      f"{kept}; --resume continues the run")
                 break
-            step_start = time.time()
+            step_start, compiled_before = time.time(), compile_seconds()
             state, metrics = meta_step(state)
             metrics = jax.device_get(metrics)
-            # The first meta-step includes compilation: until a second one is timed, assume the next one is free.
-            step_s = time.time() - step_start if timer_start is not None else 0.0
+            step_s = max(time.time() - step_start - (compile_seconds() - compiled_before), 0.0)  # less compilation
             window += [[m["return_sum"], m["return_count"], m["meta_loss"], *m["diagnostics"]] for m in metrics["tasks"]]
             if timer_start is None:  # the first step includes compilation
                 print(f"compiled and ran the first meta-step in {time.time() - compile_start:.0f}s")
@@ -1567,13 +1711,13 @@ def meta_train(args: Args, task_names, folder: str, clock_start: float | None = 
 
 
 def main(args: Args, clock_start: float | None = None) -> None:
-    clock_start = time.time() if clock_start is None else clock_start
+    deadline = Deadline(args.time_limit, time.time() if clock_start is None else clock_start)
     check_settings(args)
     if args.distributed:
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     task_names = ENV_GROUPS[args.env_group]
     eval_task_names = meta_task_names(args, task_names) if args.eval_tasks == "meta" else task_names  # --eval-tasks
-    folder = run_dir(args)
+    folder, evaluators = run_dir(args), Evaluators(args)
     if args.eval_only:
         if not args.lopt_path:
             raise UserError("--eval-only needs --lopt-path <optimizer.msgpack>")
@@ -1582,24 +1726,51 @@ def main(args: Args, clock_start: float | None = None) -> None:
         lopt_path, lopt_step = args.lopt_path, ckpt["meta_step"]
         folder = os.path.join(args.out_dir, args.run_name or f"eval_{args.env_group}")
     else:
+        check_run_folder(args, folder)
+        config = lopt_config(args)
+        init_params = initial_lopt_params(args)
+    evaluation = FinalEvaluation(args, eval_task_names, config, evaluators) if args.final_eval else None
+    start, skipped = time.time(), False
+    if evaluation:
+        # Before meta-training, so that the rest of the evaluation has a measured cost for --time-limit to keep.
+        print(f"evaluating the baselines on {', '.join(eval_task_names)}: {args.eval_seeds} seeds x "
+              f"{args.eval_steps:,} env steps per optimizer; learning rates tuned on {args.val_seeds} validation seeds")
+        try:
+            evaluation.prepare(init_params, deadline)
+            if not deadline.allows(evaluation.seconds() * RESERVE_SLACK + FINISH_S):
+                raise OutOfTime(f"the learned optimizer's part needs ~{evaluation.seconds():.0f}s")
+        except OutOfTime as late:
+            if args.eval_only:
+                raise UserError(f"--time-limit {args.time_limit:g}s: the evaluation does not fit ({late})") from None
+            print(f"--time-limit {args.time_limit:g}s: the final evaluation does not fit ({late}); it is skipped, "
+                  "and meta-training takes the time left")
+            evaluation, skipped = None, True
+        else:
+            deadline.reserve = evaluation.seconds() * RESERVE_SLACK + FINISH_S
+            print(f"baselines took {format_duration(time.time() - start)}; the learned optimizer's part will take "
+                  f"at most {format_duration(evaluation.seconds())}")
+        baselines_s = time.time() - start
+    if not args.eval_only:
         start = time.time()
-        result = meta_train(args, meta_task_names(args, task_names), folder, clock_start)
-        config, lopt_params, lopt_step = lopt_config(args), result.best_params, result.best_step
-        init_params = result.init_params
+        result = meta_train(args, meta_task_names(args, task_names), folder, deadline, evaluators)
+        lopt_params, lopt_step = result.best_params, result.best_step
         best = result.best_score is not None
         lopt_path = os.path.join(folder, "optimizer_best.msgpack" if best else "optimizer.msgpack")
         print(f"meta-training took {format_duration(time.time() - start)} ({result.meta_step} meta-steps); "
               + (f"best validation score {result.best_score:.2f} at meta-step {result.best_step}: " if best else "")
               + f"optimizer saved to {lopt_path}")
-        if not args.final_eval:
-            return
-    print(f"evaluating {lopt_path} (meta-step {lopt_step}) on {', '.join(eval_task_names)}: {args.eval_seeds} seeds x "
-          f"{args.eval_steps:,} env steps per optimizer; learning rates tuned on {args.val_seeds} validation seeds")
+    if skipped:
+        print(f"skipped the final evaluation (--time-limit); run it with the same flags and --eval-only --lopt-path "
+              f"{lopt_path}")
+    if evaluation is None:
+        return
+    print(f"evaluating {lopt_path} (meta-step {lopt_step})")
     start = time.time()
-    results = evaluate(args, eval_task_names, config, lopt_params, init_params)
+    results = evaluation.finish(lopt_params)
     write_eval(folder, args, results, lopt_path, lopt_step)
     print(format_eval_table(results, lopt_step, args))
-    print(f"evaluation took {format_duration(time.time() - start)}; wrote {os.path.join(folder, 'eval.json')}")
+    print(f"evaluation took {format_duration(baselines_s + time.time() - start)} (the learned optimizer's part "
+          f"{format_duration(time.time() - start)}); wrote {os.path.join(folder, 'eval.json')}")
 
 
 def check_settings(args: Args) -> None:
@@ -1608,7 +1779,7 @@ def check_settings(args: Args) -> None:
                                "reset_interval", "meta_steps", "meta_lr", "meta_grad_clip", "lopt_lr", "hidden_size",
                                "save_every", "log_every", "time_limit", "val_seeds", "val_steps", "eval_seeds",
                                "eval_steps", "eval_envs", "max_bad_steps"),
-               non_negative=("grad_clip", "entropy_coef", "eval_reserve", "val_every"),
+               non_negative=("grad_clip", "entropy_coef", "val_every"),
                unit_interval=("gamma", "gae_lambda"))
     agents_per_chunk(args)
     for prefix in ("eval", "val"):
@@ -1616,8 +1787,6 @@ def check_settings(args: Args) -> None:
         if steps < args.rollout_steps * envs:
             raise UserError(f"--{prefix}-steps {steps}: must be at least one rollout per agent (--rollout-steps x "
                             f"--eval-envs = {args.rollout_steps * envs})")
-    if args.time_limit and (args.eval_reserve or 0) >= args.time_limit:
-        raise UserError(f"--eval-reserve {args.eval_reserve}: must be less than --time-limit {args.time_limit}")
     check_writable_dir(args.out_dir)
 
 

@@ -9,7 +9,7 @@
 # OUT_DIR gets optimizer.msgpack (the last meta-step), optimizer_best.msgpack (the best validated one),
 # eval.json, metrics.csv, meta_training.png, args.json and job.log; each a few KB. The train state, which --resume
 # needs and which is 12 GB at the paper's scale, stays in WORK_DIR (default: a folder under /tmp).
-# Flags after OUT_DIR override the preset, e.g. --eval-reserve 120 or --agents-per-chunk 128.
+# Flags after OUT_DIR override the preset, e.g. --agents-per-chunk 128.
 set -euo pipefail
 if [[ $# -lt 2 || ! $1 =~ ^[0-9]+([.][0-9]+)?$ ]]; then
     echo "usage: bash benchmarks/paper_job.sh BUDGET_SECONDS OUT_DIR [train_lopt.py flags]" >&2

@@ -232,6 +232,36 @@ def plot_screens(path: str) -> None:
     plt.close(fig)
 
 
+def plot_long_runs(path: str) -> None:
+    """The default recipe on 3 meta-seeds: validation score and the learned step relative to sign-SGD's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (score_ax, step_ax) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for name, seed in LONG_RUNS.items():
+        path_csv = os.path.join(HERE, "meta_screens", name)
+        if not os.path.exists(path_csv):
+            continue
+        score_ax.plot(*load_screen(name), color=f"C{seed}", label=f"meta-seed {seed}")
+        with open(path_csv) as f:
+            rows = [r for r in csv.DictReader(f) if r.get("step_ratio/small_dense_long")]
+        steps = [int(r["meta_step"]) for r in rows]
+        for task, style in (("small_dense_long", "-"), ("small_dense_short", "--")):
+            step_ax.plot(steps, [float(r[f"step_ratio/{task}"]) for r in rows], color=f"C{seed}", ls=style,
+                         label=f"seed {seed}, {task}")
+    score_ax.axhline(1.0, color="gray", lw=1, ls=":", label="tuned Adam")
+    score_ax.set(xlabel="meta-step", ylabel="validation score (1 = tuned Adam)",
+                 title="validation (meta-step 0 = sign-SGD at lr 1e-2)")
+    step_ax.set(xlabel="meta-step", ylabel="mean |step| / lr (sign-SGD: 1)", title="the learned step's size")
+    score_ax.legend(fontsize=8)
+    step_ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def long_runs_table() -> str:
     present = [f for f in LONG_RUNS if os.path.exists(os.path.join(HERE, "meta_screens", f))]
     if not present:
@@ -283,6 +313,7 @@ def main(argv: list[str]) -> None:
             f.write(rewrite(text, generated, prefix))
         print(f"rewrote {', '.join(blocks(text)) or 'no tables'} in {document}")
     plot_screens(os.path.join(REPO, "docs", "meta_screens.png"))
+    plot_long_runs(os.path.join(REPO, "docs", "meta_training_default.png"))
 
 
 if __name__ == "__main__":

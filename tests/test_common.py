@@ -537,3 +537,19 @@ def test_stop_signals_take_the_first_signal_and_restore_the_handlers():
     with pytest.raises(SystemExit) as info:
         run_cli(interrupted)
     assert info.value.code == 143
+
+
+def test_recorded_paths_are_relative_to_the_repository():
+    """What result and checkpoint files record: paths inside the repository relative to it, others by name alone,
+    in strings, command lines (`--flag=/path` too) and nested settings; relative paths and other values as given."""
+    from common import REPOSITORY, recorded
+
+    inside = os.path.join(REPOSITORY, "checkpoints", "optim4rl_gridworld.msgpack")
+    assert recorded(inside) == os.path.join("checkpoints", "optim4rl_gridworld.msgpack")
+    assert recorded("/tmp/bare/gridworld_optim4rl_s0/optimizer_best.msgpack") == "optimizer_best.msgpack"
+    assert recorded("python train_lopt.py --out-dir /tmp/w/brax --lopt-path=/x/y/o.msgpack --seed 0") == \
+        "python train_lopt.py --out-dir brax --lopt-path=o.msgpack --seed 0"
+    assert recorded({"out_dir": "runs", "lopt_path": inside, "seeds": [1, 2], "lr": 3e-4, "none": None}) == \
+        {"out_dir": "runs", "lopt_path": os.path.join("checkpoints", "optim4rl_gridworld.msgpack"), "seeds": [1, 2],
+         "lr": 3e-4, "none": None}
+    assert recorded("1e5 / 1e6") == "1e5 / 1e6"

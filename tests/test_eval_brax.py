@@ -35,21 +35,13 @@ TINY_PPO = ["--env", "fast", "--total-timesteps", "80", "--num-seeds", "2", "--n
 
 
 @pytest.fixture(scope="module")
-def lopt_checkpoint(tmp_path_factory) -> str:
-    """optimizer.msgpack from a one-meta-step train_lopt.py run on catch (meta-training only, no evaluation)."""
-    folder = str(tmp_path_factory.mktemp("lopt"))
-    args = train_lopt.parse_args(["--env-group", "catch", "--num-agents", "2", "--num-envs", "1", "--rollout-steps",
-                                  "4", "--inner-updates", "2", "--meta-steps", "1", "--out-dir", folder])
-    train_lopt.meta_train(args, ("catch",), folder)
-    return os.path.join(folder, "optimizer.msgpack")
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, lopt_checkpoint):
+def tiny_run(tmp_path_factory):
+    """Adam and the shipped learned optimizer (a train_lopt.py checkpoint) in one tiny comparison."""
     out_dir = tmp_path_factory.mktemp("brax")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):  # progress lines come from JAX callbacks; they print here too
-        eb.main(eb.parse_args([*TINY_PPO, "--optimizers", "adam", "lopt", "--lopt-path", lopt_checkpoint,
+        eb.main(eb.parse_args([*TINY_PPO, "--optimizers", "adam", "lopt",
+                               "--lopt-path", train_lopt.PRETRAINED_OPTIMIZER,
                                "--out-dir", str(out_dir), "--run-name", "tiny"]))
     (out_dir / "stdout.txt").write_text(stdout.getvalue())
     return out_dir / "tiny"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import sys
 
@@ -57,3 +58,51 @@ def test_stored_statistics_match_the_per_seed_returns(name):
         np.testing.assert_allclose(stat, summary["aggregate"][optimizer], rtol=1e-9)
     assert stored["aggregate"]["tasks"] == summary["informative_tasks"]
     assert all(math.isfinite(x) for x in summary["aggregate"]["adam"])
+
+
+# /tmp/x, /work/y/z.msgpack; not a/b, not URLs, not a system program such as /usr/bin/time (the same everywhere)
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?!usr/)(?:[\w.-]+/)+[\w.-]*")
+
+
+def committed_strings(path: str) -> list[str]:
+    """The text a committed file records: a msgpack checkpoint's strings, or a text file's contents."""
+    if path.endswith(".msgpack"):
+        from common import load_msgpack
+
+        found = []
+
+        def walk(node):
+            if isinstance(node, dict):
+                for value in node.values():
+                    walk(value)
+            elif isinstance(node, str):
+                found.append(node)
+
+        walk(load_msgpack(path))
+        return found
+    if path.endswith((".json", ".csv", ".log", ".md", ".txt")):
+        with open(path) as f:
+            return [f.read()]
+    return []
+
+
+def test_the_absolute_path_pattern():
+    assert ABSOLUTE_PATH.search('"lopt_path": "/work/frozen3/checkpoints/optim4rl_gridworld.msgpack"')
+    assert ABSOLUTE_PATH.search("--out-dir /tmp/bare --seed 0")
+    assert not ABSOLUTE_PATH.search("/usr/bin/time: Elapsed (wall clock) time")
+    for harmless in ("checkpoints/optim4rl_gridworld.msgpack", "1e5 / 1e6", "https://github.com/sail-sg/optim4rl",
+                     "env steps/s", "small_dense_long/small_dense_short"):
+        assert not ABSOLUTE_PATH.search(harmless), harmless
+
+
+@pytest.mark.parametrize("folder", ["results", "checkpoints"])
+def test_committed_evidence_names_no_absolute_path(folder):
+    """Result and checkpoint files record paths relative to the repository (common.recorded), never the machine
+    or scratch folder they were made in."""
+    root = os.path.join(REPO, folder)
+    files = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names]
+    assert files
+    for path in files:
+        for text in committed_strings(path):
+            match = ABSOLUTE_PATH.search(text)
+            assert match is None, f"{os.path.relpath(path, REPO)} records {match.group(0)}"

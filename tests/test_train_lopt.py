@@ -618,7 +618,7 @@ def test_resume_compares_the_fields_not_marked_may_change(tmp_path):
     assert marked == {"resume", "meta_steps", "save_every", "log_every", "eval_only", "lopt_path", "eval_tasks",
                       "eval_seeds", "eval_steps", "eval_envs", "max_bad_steps", "out_dir", "run_name", "distributed",
                       "coordinator_address", "num_processes", "process_id", "agents_per_chunk", "time_limit",
-                      "eval_reserve", "final_eval", "val_every"}
+                      "final_eval", "val_every"}
     assert set(tl.resume_settings(tiny_args())) == {f.name for f in dataclasses.fields(Args)} - marked
     saved = tl.resume_settings(tiny_args())
 
@@ -906,9 +906,9 @@ def test_main_end_to_end(tmp_path):
             assert results["lr"][name] in map(float, results["lr_sweep"][name])
         iqm, low, high = results["normalized_iqm_ci"]["lopt"]
         assert low <= iqm <= high
-    assert report["lopt_path"] == os.path.join(folder, "optimizer.msgpack")
+    assert report["lopt_path"] == "optimizer.msgpack"  # outside the repository: recorded by name alone
 
-    tl.main(tiny_args(out_dir=out, run_name="again", eval_only=True, lopt_path=report["lopt_path"]))
+    tl.main(tiny_args(out_dir=out, run_name="again", eval_only=True, lopt_path=os.path.join(folder, "optimizer.msgpack")))
     again = json.load(open(os.path.join(out, "again", "eval.json")))
     assert set(os.listdir(os.path.join(out, "again"))) == {"eval.json"}  # nothing trained
     for task in TASKS:
@@ -927,13 +927,33 @@ def test_meta_tasks_small_trains_on_the_small_grids_and_evaluates_the_group(tmp_
     assert tl.parse_args([]).meta_tasks == "small" and tl.parse_args(["--preset", "paper"]).meta_tasks == "all"
     assert tl.parse_args([]).eval_tasks == "meta" and tl.parse_args(["--preset", "paper"]).eval_tasks == "group"
 
-    monkeypatch.setitem(ENV_GROUPS, "catch", ("catch", "small_dense_short"))  # a cheap mixed group
-    tl.main(tiny_args(out_dir=str(tmp_path), run_name="run", val_every=1, rollout_steps=8, val_steps=512,
-                      eval_steps=512, eval_tasks="group"))
-    folder = tmp_path / "run"
-    columns = tl.read_metrics(str(folder / "metrics.csv"))[0].keys()
+    # main() on a cheap mixed group: meta-training for real; validation and evaluation record their tasks only
+    # (both are tested elsewhere, and compiling them for a gridworld would take minutes).
+    seen = {}
+
+    class Evaluation:
+        def __init__(self, args, task_names, config, evaluators):
+            seen["evaluated"] = tuple(task_names)
+
+        def prepare(self, init_params, deadline=None, log=print):
+            pass
+
+        def seconds(self):
+            return 0.0
+
+        def finish(self, lopt_params, log=print):
+            return {}
+
+    monkeypatch.setattr(tl, "FinalEvaluation", Evaluation)
+    monkeypatch.setattr(tl, "write_eval", lambda *args: None)
+    monkeypatch.setattr(tl, "format_eval_table", lambda *args: "")
+    monkeypatch.setattr(tl.Validator, "__init__", lambda self, args, task_names, *rest: seen.update(validated=task_names))
+    monkeypatch.setattr(tl.Validator, "__call__", lambda self, lopt_params, deadline=None: 0.5)
+    monkeypatch.setitem(ENV_GROUPS, "catch", ("catch", "small_dense_short"))
+    tl.main(tiny_args(out_dir=str(tmp_path), run_name="run", val_every=1, eval_tasks="group"))
+    columns = tl.read_metrics(str(tmp_path / "run" / "metrics.csv"))[0].keys()
     assert "return/small_dense_short" in columns and "return/catch" not in columns
-    assert set(json.load(open(folder / "eval.json"))["tasks"]) == {"catch", "small_dense_short"}
+    assert seen == {"validated": ("small_dense_short",), "evaluated": ("catch", "small_dense_short")}
 
 
 def test_eval_only_needs_lopt_path(tmp_path):
@@ -1072,7 +1092,6 @@ def test_cli_help(cli):
     (["--val-every", "-1"], "--val-every -1"),
     (["--time-limit", "0"], "--time-limit 0"),
     (["--seed", "-1"], "--seed -1: must be an integer in [0, 4294967295]"),
-    (["--time-limit", "100", "--eval-reserve", "100"], "--eval-reserve 100"),
     (["--out-dir", "README.md/runs"], "--out-dir README.md/runs: cannot write there"),
 ])
 def test_bad_settings_are_one_line_errors(flags, named, monkeypatch):
@@ -1140,10 +1159,10 @@ def scripted_validation(monkeypatch, scores: dict):
     """Replace the validator's score by a script {meta-step: score}, recording which parameters it saw."""
     seen = {}
 
-    def fake_init(self, args, task_names, log=print):
-        self.baselines_s = 0.0
+    def fake_init(self, args, task_names, evaluators=None, deadline=None, log=print):
+        pass
 
-    def fake_call(self, lopt_params):
+    def fake_call(self, lopt_params, deadline=None):
         step = sorted(scores)[len(seen)]  # validations come in meta-step order
         seen[step] = jax.device_get(lopt_params)
         return scores[step]
@@ -1204,25 +1223,36 @@ def test_validator_scores_against_its_baselines(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_deadline_keeps_the_evaluation_reserve():
-    start = 1000.0
-    args = tiny_args(time_limit=100.0)
-    deadline = tl.Deadline(args, start)
-    assert deadline.reserve == 25.0  # a quarter of the limit by default
-    assert tl.Deadline(tiny_args(time_limit=100.0, final_eval=False), start).reserve == 0.0
-    assert tl.Deadline(tiny_args(time_limit=100.0, eval_reserve=10.0), start).reserve == 10.0
-    now = tl.time.time()
-    deadline.start = now - 50.0  # 50 s spent, 25 kept: 25 s of work still fits, 30 does not
+def test_deadline_keeps_its_reserve_and_estimates_new_programs():
+    deadline = tl.Deadline(100.0, tl.time.time() - 50.0)  # 50 s spent
+    deadline.reserve = 25.0  # 25 s of work still fits, 30 does not
     assert deadline.allows(20.0) and not deadline.allows(30.0)
-    assert tl.Deadline(tiny_args(), start).allows(1e9)  # no limit
-    # With validation, the reserve follows from its baselines: 2 optimizers timed, 5 to run, on 4x the work here.
-    estimated = tl.Deadline(tiny_args(time_limit=100.0, eval_seeds=4, eval_steps=200, val_seeds=2, val_steps=100),
-                            start)
-    estimated.estimate_evaluation(4.0)
-    assert estimated.reserve == pytest.approx(2.5 * 4.0 * 4)
-    given = tl.Deadline(tiny_args(time_limit=100.0, eval_reserve=7.0), start)
-    given.estimate_evaluation(4.0)
-    assert given.reserve == 7.0  # an explicit --eval-reserve wins
+    assert tl.Deadline(None, 0.0).allows(1e9)  # no limit
+    deadline.check(None, 10**6, "first run")  # nothing measured yet: the first run starts
+    deadline.record(compile_s=5.0, run_s=2.0, work=100)
+    deadline.record(compile_s=3.0, run_s=1.0, work=100)  # the longest compilation, the slowest rate: 5 s, 0.02 s
+    deadline.check(20.0, 10**9, "a timed program")  # its own measured time, whatever its work
+    deadline.check(None, 500, "new")  # 5 + 0.02 x 500 = 15 s
+    with pytest.raises(tl.OutOfTime, match="a new one needs ~25s"):
+        deadline.check(None, 1000, "a new one")  # 5 + 20 = 25 s > 25 s left
+
+
+def test_evaluation_runs_inside_a_deadline_raise_before_starting(tmp_path):
+    """A guarded evaluator times its runs less their compilation; a run of a timed program that would end past the
+    deadline raises OutOfTime before it starts, and without the guard it runs."""
+    args = tiny_args(out_dir=str(tmp_path))
+    evaluators = tl.Evaluators(args)
+    evaluator = evaluators("catch", lopt_config(args), 64)
+    keys = tl.evaluation_keys("catch", tl.VAL_STREAM, 2, "--val-seeds")
+    deadline = tl.Deadline(1e9, tl.time.time())
+    with evaluators.guarded(deadline):
+        evaluator.returns("adam", keys, [1e-3])
+    assert 0 < evaluator.run_s[("adam", 1, 2)] and deadline.s_per_work > 0
+    deadline.limit = tl.time.time() - deadline.start  # no time left
+    with evaluators.guarded(deadline), pytest.raises(tl.OutOfTime, match="catch: adam"):
+        evaluator.returns("adam", keys, [1e-3])
+    assert evaluator.deadline is None
+    assert evaluator.returns("adam", keys, [1e-3]).shape == (1, 2)
 
 
 def test_time_limit_stops_saves_and_resumes_to_the_same_result(full4, tmp_path, monkeypatch):
@@ -1230,10 +1260,10 @@ def test_time_limit_stops_saves_and_resumes_to_the_same_result(full4, tmp_path, 
     --resume then ends where the uninterrupted 4-step run ends."""
     folder = str(tmp_path / "run")
     calls = []
-    monkeypatch.setattr(tl.Deadline, "allows", lambda self, seconds: calls.append(seconds) or len(calls) < 2)
+    monkeypatch.setattr(tl.Deadline, "allows", lambda self, seconds: calls.append(seconds) or len(calls) < 3)
     stopped = meta_train(tiny_args(meta_steps=4, save_every=10, time_limit=1e6), TASKS, folder)
-    # After the first (compiling) meta-step nothing is timed yet; after the second its time is the estimate.
-    assert stopped.meta_step == 2 and len(calls) == 2 and calls[1] > 0
+    # Before each meta-step: then the first one's time less its compilation is the estimate of the next.
+    assert stopped.meta_step == 2 and len(calls) == 3 and calls[1] > 0
     assert read_optimizer_checkpoint(os.path.join(folder, "optimizer.msgpack"))["meta_step"] == 2
     assert saved_train_state(folder)[0] == 2  # saved at the stop although --save-every is 10
     monkeypatch.undo()
