@@ -517,7 +517,11 @@ def test_stop_signals_take_the_first_signal_and_restore_the_handlers():
     and stays after the block; an Interrupted exits through run_cli with 128 + the signal's number."""
     seen = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # a pytest-xdist worker ignores SIGINT
     try:
+        with StopSignals() as stop:  # Ctrl-C: the same as SIGTERM
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signum == signal.SIGINT and stop.name == "SIGINT"
         with StopSignals() as stop:
             assert stop.signum is None and signal.getsignal(signal.SIGINT) == stop._handle
             os.kill(os.getpid(), signal.SIGTERM)
@@ -530,6 +534,7 @@ def test_stop_signals_take_the_first_signal_and_restore_the_handlers():
             assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
     def interrupted():
         raise Interrupted("interrupted by SIGTERM", signal.SIGTERM)
