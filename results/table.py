@@ -75,6 +75,13 @@ SEED_ROWS = ("lopt", "lopt_tuned", "lopt_init", "sign_sgd", "adam")
 # meta_screens/ file -> meta-seed: the default recipe's validation over 2000 meta-steps (the runs of SEED_FILES,
 # resumed with --resume --meta-steps 2000 --no-final-eval)
 LONG_RUNS = {f"policy_only_s{seed}_2000.csv": seed for seed in (0, 1, 2)}
+# benchmarks/schedule_headroom.py's file: Adam and sign-SGD with lr / sqrt(1 + t / tau), (lr, tau) picked once for
+# both horizons on the validation seeds, run on train_lopt's evaluation seeds (normalised by its files' Adam, random)
+HEADROOM = "gridworld_schedule_headroom.json"
+HEADROOM_COMMAND = "python benchmarks/schedule_headroom.py"
+HEADROOM_OPTIMIZERS = {"sign_sgd": "sign-SGD", "adam": "Adam"}
+HEADROOM_LABELS = {"schedule": "decaying lr (lr, tau picked once for both horizons)",
+                   "constant": "constant lr picked once for both horizons"}
 TABLES = {  # table name -> result files, in row order
     "gridworld": ["gridworld_shipped_1e5.json", "gridworld_shipped_1e6.json"],
     "gridworld-previous": ["gridworld_previous_1e5.json", "gridworld_previous_1e6.json"],
@@ -95,7 +102,40 @@ def cell(stat) -> str:
     return "n/a" if stat[0] != stat[0] else f"{stat[0]:.2f} [{stat[1]:.2f}, {stat[2]:.2f}]"
 
 
-def gridworld_table(files: list[str]) -> str:
+def headroom_rows(report: dict, kinds: tuple[str, ...]) -> list[str]:
+    """Rows of the headroom file at the report's horizon, normalised by the report's tuned Adam and random policy
+    (the same evaluation seeds: both come from train_lopt.evaluation_keys)."""
+    path = os.path.join(HERE, HEADROOM)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        headroom = json.load(f)
+    steps = str(report["eval_steps"])
+    if (headroom["eval_seeds"], headroom["eval_envs"]) != (report["eval_seeds"], report["eval_envs"]) \
+            or report["eval_steps"] not in headroom["horizons"]:
+        return []
+    tasks = list(report["tasks"])
+    informative = report["summary"]["informative_tasks"]
+    rows = []
+    for name, label in HEADROOM_OPTIMIZERS.items():
+        for kind in kinds:
+            scores = {t: tl.normalized_scores({**report["tasks"][t]["returns"],
+                                               "headroom": headroom["tasks"][t][name]["returns"][steps][kind]},
+                                              "headroom") for t in tasks}
+            picked = [headroom["tasks"][t][name]["picked"][kind] for t in tasks]
+            lrs = " / ".join(tl.format_lr(p["lr"]) + ("" if p["tau"] is None else f", τ {p['tau']:g}") for p in picked)
+            cells = [cell(iqm_interval([scores[t]])) for t in tasks]
+            aggregate = cell(iqm_interval([scores[t] for t in informative])) if informative else "n/a"
+            rows.append(f"| {steps_label(report)} | {label}, {HEADROOM_LABELS[kind]} | {lrs} | "
+                        + " | ".join(cells) + f" | {aggregate} |")
+    return rows
+
+
+def steps_label(report: dict) -> str:
+    return f"{report['eval_steps']:.0e}".replace("e+0", "e")
+
+
+def gridworld_table(files: list[str], headroom_kinds: tuple[str, ...] = ()) -> str:
     reports = [load(f) for f in files if os.path.exists(os.path.join(HERE, f))]
     if not reports:
         return "_(no result files yet)_"
@@ -109,9 +149,9 @@ def gridworld_table(files: list[str]) -> str:
             cells = [cell(summary["per_task"][t][name]) for t in tasks]
             aggregate = cell(summary["aggregate"][name]) if summary["aggregate"] else "n/a"
             bold = "**" if name.startswith("lopt") else ""
-            steps = f"{report['eval_steps']:.0e}".replace("e+0", "e")
-            lines.append(f"| {steps} | {label} | {lrs} | "
+            lines.append(f"| {steps_label(report)} | {label} | {lrs} | "
                          + " | ".join(f"{bold}{c}{bold}" for c in cells) + f" | {bold}{aggregate}{bold} |")
+        lines += headroom_rows(report, headroom_kinds)
     seeds = {(r["eval_seeds"], r["val_seeds"]) for r in reports}
     lines.append("")
     lines.append("Normalised final return, 0 = random policy, 1 = tuned Adam (mean): interquartile mean over "
@@ -276,8 +316,38 @@ def long_runs_table() -> str:
     return "\n".join(lines)
 
 
+def headroom_table() -> str:
+    """The schedule's headroom beside the baselines tuned per horizon: each horizon's tuned Adam and sign-SGD (from
+    the tuned evaluation's files), then the constant lr and the decaying lr, each picked once for both horizons."""
+    if not os.path.exists(os.path.join(HERE, HEADROOM)):
+        return "_(no result file yet)_"
+    reports = [load(f) for f in TABLES["gridworld"]]
+    tasks = list(reports[0]["tasks"])
+    lines = ["| env steps per agent | optimizer | learning rate | " + " | ".join(tasks) + " | both tasks (IQM) |",
+             "|---|---|---|" + "---:|" * (len(tasks) + 1)]
+    for report in reports:
+        summary = report["summary"]
+        for name, label in HEADROOM_OPTIMIZERS.items():
+            lrs = " / ".join(tl.format_lr(report["tasks"][t]["lr"][name]) for t in tasks)
+            cells = [cell(summary["per_task"][t][name]) for t in tasks]
+            lines.append(f"| {steps_label(report)} | {label}, lr tuned per horizon"
+                         f" | {lrs} | " + " | ".join(cells) + f" | {cell(summary['aggregate'][name])} |")
+        lines += headroom_rows(report, ("constant", "schedule"))
+    with open(os.path.join(HERE, HEADROOM)) as f:
+        headroom = json.load(f)
+    lines.append("")
+    lines.append(f"Normalised final return (0 = random policy, 1 = tuned Adam's mean at that horizon), IQM over "
+                 f"{headroom['eval_seeds']} evaluation seeds [95% stratified-bootstrap interval]; decaying lr = "
+                 f"lr / sqrt(1 + t / τ), t the update count; picks on {headroom['val_seeds']} validation seeds. "
+                 f"Files: [results/{HEADROOM}](results/{HEADROOM}) (`{HEADROOM_COMMAND}`), "
+                 + ", ".join(f"[results/{f}](results/{f})" for f in TABLES["gridworld"]) + ".")
+    return "\n".join(lines)
+
+
 def tables() -> dict[str, str]:
-    return {**{name: gridworld_table(files) for name, files in TABLES.items()}, "brax": brax_table(),
+    return {"gridworld": gridworld_table(TABLES["gridworld"], ("schedule",)),
+            "gridworld-previous": gridworld_table(TABLES["gridworld-previous"]), "gridworld-headroom": headroom_table(),
+            "brax": brax_table(),
             "meta-screens": screens_table(), "policy-only-seeds": seeds_table(),
             "policy-only-2000": long_runs_table()}
 
