@@ -851,7 +851,7 @@ class TaskEvaluator:
 
     def returns(self, kind: str, keys: jax.Array, lrs, lopt_params=None) -> np.ndarray:
         """Final returns [len(lrs), seeds] of `kind` (a baseline, 'lopt' with lopt_params, or 'random')."""
-        program, work = (kind, len(lrs), len(keys)), len(lrs) * len(keys) * self.num_updates
+        program, work = self._program(kind, len(lrs), len(keys))
         if self.deadline is not None:
             self.deadline.check(self.run_s.get(program), work, f"{self.name}: {kind} x {len(lrs)} lr x {len(keys)}")
         if kind not in self._trainers:
@@ -873,6 +873,14 @@ class TaskEvaluator:
         if self.deadline is not None:
             self.deadline.record(compile_s, self.run_s[program], work)
         return returns
+
+    def _program(self, kind: str, num_lrs: int, num_seeds: int) -> tuple[tuple, int]:
+        return (kind, num_lrs, num_seeds), num_lrs * num_seeds * self.num_updates
+
+    def expected_s(self, kind: str, num_lrs: int, num_seeds: int, deadline: "Deadline") -> float:
+        """How long a run of `kind` would take: its last run's time, or the deadline's estimate for a new program."""
+        program, work = self._program(kind, num_lrs, num_seeds)
+        return deadline.estimate(self.run_s.get(program), work)
 
     def lopt(self, lopt_params, keys: jax.Array, lr: float | None = None) -> np.ndarray:
         return self.returns("lopt", keys, [self.config["lopt_lr"] if lr is None else lr], lopt_params)[0]
@@ -1071,6 +1079,10 @@ class Validator:
         self.evaluators = {t: chosen[t] for t in informative}
         log(f"validation on {', '.join(informative)} ({args.val_seeds} seeds x {args.val_steps:,} env steps, "
             f"normalised by tuned Adam); baselines took {format_duration(time.time() - start)}")
+
+    def seconds(self, deadline: "Deadline") -> float:
+        """What one validation is expected to take, before it has run in this process (a resumed run)."""
+        return sum(e.expected_s("lopt", 1, len(self.keys[t]), deadline) for t, e in self.evaluators.items())
 
     def __call__(self, lopt_params, deadline: "Deadline | None" = None) -> float:
         """The score; with a deadline, OutOfTime where a run would end past it."""
@@ -1400,11 +1412,15 @@ class Deadline:
     def record(self, compile_s: float, run_s: float, work: int) -> None:
         self.compile_s, self.s_per_work = max(self.compile_s, compile_s), max(self.s_per_work, run_s / work)
 
+    def estimate(self, run_s: float | None, work: int) -> float:
+        """A run's expected seconds: a program that ran before takes its measured time; a new one the longest
+        compilation so far plus its work at the slowest rate so far (the first run of the command has nothing to go
+        by: 0)."""
+        return run_s if run_s is not None else self.compile_s + self.s_per_work * work
+
     def check(self, run_s: float | None, work: int, what: str) -> None:
-        """Raise OutOfTime where a run would end past the deadline: a program that ran before takes its measured
-        time; a new one the longest compilation so far plus its work at the slowest rate so far (the first run of
-        the command has nothing to go by, and starts)."""
-        estimate = run_s if run_s is not None else self.compile_s + self.s_per_work * work
+        """Raise OutOfTime where a run would end past the deadline (its time as `estimate` gives it)."""
+        estimate = self.estimate(run_s, work)
         if not self.allows(estimate):
             raise OutOfTime(f"{what} needs ~{estimate:.0f}s, {max(self.left() - self.reserve, 0):.0f}s left")
 
@@ -1609,6 +1625,8 @@ def meta_train(args: Args, task_names, folder: str, deadline: Deadline | None = 
                 validator = Validator(args, task_names, evaluators, deadline)
             except OutOfTime as late:
                 print(f"--time-limit {args.time_limit:g}s: no validation ({late}); the last optimizer is kept")
+        if validator and args.time_limit is not None:  # measured at each validation; resumed, the first one is
+            val_s = validator.seconds(deadline)  # due mid-loop, before it has run in this process: estimated
 
         def validate(done: int, lopt_params, deadline: Deadline | None = None) -> float:
             """Score the parameters; keep them as optimizer_best.msgpack (atomically) if they beat the best so far."""

@@ -52,14 +52,15 @@ def headroom(tmp_path_factory):
 
 
 def test_constant_lr_reproduces_the_tuned_evaluations_baseline(headroom):
+    """At the shorter horizon, scored from the first updates of the longer run, the constant lr gives what the tuned
+    evaluation's own program gives for that budget: the prefix is the shorter run, and the agents are the same."""
     args, result = headroom
     lr = result["tasks"]["catch"]["adam"]["picked"]["constant"]["lr"]
-    for steps in args.horizons:
-        evaluator = tl.TaskEvaluator(AGENT, "catch", tl.lopt_config(AGENT), steps)
-        keys = tl.evaluation_keys("catch", tl.EVAL_STREAM, args.eval_seeds, "--eval-seeds")
-        expected = evaluator.returns("adam", keys, [lr])[0]
-        np.testing.assert_allclose(result["tasks"]["catch"]["adam"]["returns"][str(steps)]["constant"], expected,
-                                   rtol=1e-6)
+    steps = min(args.horizons)
+    evaluator = tl.TaskEvaluator(AGENT, "catch", tl.lopt_config(AGENT), steps)
+    keys = tl.evaluation_keys("catch", tl.EVAL_STREAM, args.eval_seeds, "--eval-seeds")
+    np.testing.assert_allclose(result["tasks"]["catch"]["adam"]["returns"][str(steps)]["constant"],
+                               evaluator.returns("adam", keys, [lr])[0], rtol=1e-6)
 
 
 def test_result_records_the_whole_grid_and_its_picks(headroom):

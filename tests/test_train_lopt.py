@@ -1201,7 +1201,13 @@ def test_validation_keeps_the_best_and_survives_resume(trained, tmp_path, monkey
     leaves_equal(best["params"], trained.lopt_params, atol=1e-6)  # the step-2 optimizer of the same run
 
     seen = scripted_validation(monkeypatch, {4: 0.5})  # resumed: no second step-0 validation
-    resumed = meta_train(tiny_args(val_every=2, meta_steps=4, resume=True), TASKS, folder)
+    # Under --time-limit the first validation of the resumed run, due after meta-step 4, is budgeted before it has
+    # run in this process: with its estimate (Validator.seconds), not as free.
+    monkeypatch.setattr(tl.Validator, "seconds", lambda self, deadline: 123.0)
+    needed = []
+    monkeypatch.setattr(tl.Deadline, "allows", lambda self, seconds: needed.append(seconds) or True)
+    resumed = meta_train(tiny_args(val_every=2, meta_steps=4, resume=True, time_limit=1e6), TASKS, folder)
+    assert len(needed) == 2 and needed[0] < 123.0 <= needed[1]
     assert list(seen) == [4] and (resumed.best_step, resumed.best_score) == (2, 0.9)
     leaves_equal(resumed.best_params, best["params"])
     assert read_optimizer_checkpoint(best_path)["meta_step"] == 2
@@ -1268,6 +1274,20 @@ def test_evaluation_runs_inside_a_deadline_raise_before_starting(tmp_path):
         evaluator.returns("adam", keys, [1e-3])
     assert evaluator.deadline is None
     assert evaluator.returns("adam", keys, [1e-3]).shape == (1, 2)
+
+
+def test_validation_time_is_its_programs_measured_time_or_the_deadlines_estimate():
+    """Validator.seconds: a task whose validation program ran takes its last time, one that did not the deadline's
+    estimate for a new program (the longest compilation plus its work at the slowest rate so far)."""
+    validator = tl.Validator.__new__(tl.Validator)
+    args = tiny_args()
+    validator.evaluators = {n: tl.TaskEvaluator(args, "catch", tl.lopt_config(args), 64) for n in ("ran", "new")}
+    validator.keys = {n: np.zeros((3, 2)) for n in validator.evaluators}
+    validator.evaluators["ran"].run_s[("lopt", 1, 3)] = 2.5
+    deadline = tl.Deadline(100.0, time.time())
+    deadline.record(compile_s=4.0, run_s=1.0, work=100)
+    work = 3 * validator.evaluators["new"].num_updates  # 1 lr x 3 seeds x updates
+    assert validator.seconds(deadline) == pytest.approx(2.5 + 4.0 + work / 100)
 
 
 def test_time_limit_stops_saves_and_resumes_to_the_same_result(full4, tmp_path, monkeypatch):
