@@ -1,0 +1,202 @@
+"""Is the truncated meta-gradient signal or noise? Split-half cosines at fixed optimizer parameters.
+
+    python benchmarks/meta_gradient_signal.py      # writes results/meta_gradient_signal.json
+
+At the optimizer's parameters of meta-step 0 (sign-SGD; --lopt-path for another), a pipeline population of
+--num-agents agents per task is filled as meta-training fills it (one reset interval of meta-steps, the parameters
+held fixed), then for --measure-steps meta-steps each agent's own meta-gradient is kept. For a population of n
+agents per task, the meta-step's gradient (mean over agents, then over tasks, as train_lopt.py's meta-step) is
+computed from two disjoint halves of n / 2 agents each, and their cosine is averaged over random splits and
+meta-steps. Near 0, a meta-step of that size follows noise; near 1, it follows a direction the population agrees
+on. If per-agent gradients are a mean mu plus independent noise of total variance s2, the expected cosine of two
+halves of m agents is about 1 / (1 + r / m), r = s2 / |mu|^2: `agents_for` reads r off the largest population
+and says how many agents per task a meta-step would need for a given cosine.
+
+Each objective is a set of train_lopt.py flags: the default (policy term in TD units) and the paper's A2C loss.
+Whether the direction the population agrees on points uphill is a separate question (an ES estimate of the
+return's gradient; not measured here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tyro
+from jax.flatten_util import ravel_pytree
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_lopt as tl  # noqa: E402
+from common import GRIDWORLDS, UserError, atomic_write, check_args, recorded, run_cli  # noqa: E402
+
+OBJECTIVES = {  # name -> train_lopt.Args fields that differ from its defaults
+    "default": {},
+    "paper": dict(meta_value_coef=0.5, meta_loss_scale="raw"),
+}
+TASKS = (*GRIDWORLDS, "catch")
+
+
+@dataclass
+class Args:
+    tasks: tuple[str, ...] = ("small_dense_long", "small_dense_short")
+    objectives: tuple[str, ...] = tuple(OBJECTIVES)
+    num_agents: int = 64
+    """agents per task; the smaller populations are subsets of these"""
+    sizes: tuple[int, ...] = (8, 16, 32, 64)
+    """population sizes (agents per task) whose split-half cosine is reported; even, at most --num-agents"""
+    warmup_steps: int | None = None
+    """meta-steps that fill the pipeline before measuring (default: --reset-interval of train_lopt)"""
+    measure_steps: int = 8
+    splits: int = 64
+    """random splits per population size and meta-step"""
+    lopt_path: str | None = None
+    """optimizer checkpoint whose parameters are held fixed (default: meta-step 0 of --seed)"""
+    seed: int = 0
+    out: str = "results/meta_gradient_signal.json"
+
+
+def split_half_cosines(grads: np.ndarray, size: int, splits: int, rng: np.random.Generator) -> np.ndarray:
+    """grads [tasks, agents, P]: cosines between the meta-gradients of two disjoint halves of `size` agents per task
+    (each the mean over its agents, then over tasks), one per random split."""
+    num_tasks, num_agents, _ = grads.shape
+    cosines = []
+    for _ in range(splits):
+        halves = [0.0, 0.0]
+        for t in range(num_tasks):
+            chosen = rng.permutation(num_agents)[:size]
+            for h, agents in enumerate((chosen[: size // 2], chosen[size // 2:])):
+                halves[h] = halves[h] + grads[t, agents].mean(0) / num_tasks
+        a, b = halves
+        cosines.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)))
+    return np.array(cosines)
+
+
+def agents_for(cosine_at_half: float, half: int, target: float) -> float:
+    """Agents per task a meta-step needs for an expected split-half cosine `target` between halves of that size, from
+    the cosine measured between halves of `half` agents (under mean + independent noise: cos = 1 / (1 + r / m))."""
+    if cosine_at_half <= 0:
+        return float("inf")
+    ratio = half * (1.0 / cosine_at_half - 1.0)  # r = s2 / |mu|^2
+    return 2 * ratio * target / (1.0 - target)  # two halves of m = r c / (1 - c)
+
+
+def make_per_agent(args: tl.Args, task: tl.Task, net):
+    """(lopt_params, population, key, meta_step, with_grads) -> (per-agent flat meta-gradients or None, population)."""
+    offsets = jnp.asarray(tl.reset_offsets(args.num_agents, args.reset_interval, args.pipeline))
+
+    def inner_tx(lopt_params):  # as train_lopt.make_meta_train's agents use it
+        return tl.clipped_learned_optimizer(net, lopt_params, args.lopt_lr, args.grad_clip, tl.LOPT_CHUNK,
+                                            args.normalize_step)
+
+    one_agent = partial(tl.agent_meta_loss, make_tx=inner_tx, inner_updates=args.inner_updates,
+                        meta_value_coef=args.meta_value_coef, meta_loss_scale=args.meta_loss_scale)
+
+    def inputs(key, meta_step):
+        return jax.random.split(key, args.num_agents), tl.reset_mask(meta_step, offsets, args.reset_interval)
+
+    @jax.jit
+    def forward(lopt_params, population, key, meta_step):
+        keys, reset_now = inputs(key, meta_step)
+        _, aux = jax.vmap(one_agent, (None, None, 0, 0, 0))(lopt_params, task, population, keys, reset_now)
+        return aux[0]
+
+    @jax.jit
+    def with_grads(lopt_params, population, key, meta_step):
+        keys, reset_now = inputs(key, meta_step)
+        grads, aux = jax.vmap(jax.grad(one_agent, has_aux=True), (None, None, 0, 0, 0))(
+            lopt_params, task, population, keys, reset_now)
+        return jax.vmap(lambda g: ravel_pytree(g)[0])(grads), aux[0]
+
+    def init(lopt_params, key):
+        tx = inner_tx(lopt_params)
+        return jax.jit(jax.vmap(partial(tl.init_agent, task, tx)))(jax.random.split(key, args.num_agents))
+
+    return init, forward, with_grads
+
+
+def measure(args: Args, objective: str, base: tl.Args, log=print) -> dict:
+    """The objective's split-half cosines; base: train_lopt's settings for agents and optimizer (its defaults)."""
+    agent_args = dataclasses.replace(base, **OBJECTIVES[objective], num_agents=args.num_agents, seed=args.seed)
+    if args.lopt_path:  # its own network and step settings
+        checkpoint = tl.read_optimizer_checkpoint(args.lopt_path)
+        agent_args = dataclasses.replace(agent_args, **checkpoint["config"])
+        lopt_params = checkpoint["params"]
+    else:
+        lopt_params = tl.initial_lopt_params(agent_args)
+    net = tl.make_lopt_net(tl.lopt_config(agent_args))
+    warmup = agent_args.reset_interval if args.warmup_steps is None else args.warmup_steps
+    key = jax.random.PRNGKey(args.seed)
+    grads, start = [], time.time()
+    for task_name in args.tasks:
+        task = tl.Task.make(task_name, agent_args)
+        init, forward, with_grads = make_per_agent(agent_args, task, net)
+        key, key_init = jax.random.split(key)
+        population = init(lopt_params, key_init)
+        per_step = []
+        for step in range(warmup + args.measure_steps):
+            key, key_step = jax.random.split(key)
+            if step < warmup:
+                population = forward(lopt_params, population, key_step, step)
+            else:
+                g, population = with_grads(lopt_params, population, key_step, step)
+                per_step.append(np.asarray(g, np.float64))
+        grads.append(np.stack(per_step))  # [measure_steps, agents, P]
+        log(f"  {objective} {task_name}: {warmup} + {args.measure_steps} meta-steps x {args.num_agents} agents, "
+            f"{time.time() - start:.0f}s")
+    grads = np.stack(grads, 1)  # [measure_steps, tasks, agents, P]
+    if not np.all(np.isfinite(grads)):
+        raise UserError(f"{objective}: non-finite meta-gradients; nothing written")
+    rng = np.random.default_rng(args.seed)
+    by_size = {}
+    for size in args.sizes:
+        cos = np.concatenate([split_half_cosines(g, size, args.splits, rng) for g in grads])
+        per_step = cos.reshape(len(grads), args.splits).mean(1)  # meta-steps are the independent draws
+        by_size[str(size)] = {"mean": float(cos.mean()),
+                              "stderr": float(per_step.std(ddof=1) / np.sqrt(len(per_step))) if len(per_step) > 1
+                              else None}
+    largest = max(args.sizes)
+    at_largest = by_size[str(largest)]["mean"]
+    return {
+        "flags": OBJECTIVES[objective], "num_agents": args.num_agents, "warmup_steps": warmup,
+        "measure_steps": args.measure_steps, "splits": args.splits, "parameters": int(grads.shape[-1]),
+        "split_half_cosine": by_size,
+        "agents_per_task_for_cosine": {str(c): agents_for(at_largest, largest // 2, c) for c in (0.5, 0.9)},
+        "seconds": time.time() - start,
+    }
+
+
+def main(args: Args, base: tl.Args | None = None) -> None:
+    check_args(args, positive=("num_agents", "measure_steps", "splits"), non_negative=("warmup_steps",))
+    for name in args.objectives:
+        if name not in OBJECTIVES:
+            raise UserError(f"--objectives {name}: unknown; choose from {', '.join(OBJECTIVES)}")
+    for name in args.tasks:
+        if name not in TASKS:
+            raise UserError(f"--tasks {name}: unknown; choose from {', '.join(TASKS)}")
+    for size in args.sizes:
+        if size < 2 or size % 2 or size > args.num_agents:
+            raise UserError(f"--sizes {size}: each must be even, >= 2 and at most --num-agents {args.num_agents}")
+    if args.lopt_path:
+        tl.read_optimizer_checkpoint(args.lopt_path)  # a missing or foreign file: its one-line error, now
+    results = {}
+    for name in args.objectives:
+        results[name] = measure(args, name, base or tl.Args())
+        cells = ", ".join(f"{n}: {c['mean']:.3f}" for n, c in results[name]["split_half_cosine"].items())
+        print(f"{name}: split-half cosine by agents per task {cells}; agents per task for 0.5 / 0.9: "
+              + " / ".join(f"{v:.0f}" for v in results[name]["agents_per_task_for_cosine"].values()), flush=True)
+    report = {"command": recorded(["python", *sys.argv]), "tasks": list(args.tasks),
+              "lopt_path": recorded(args.lopt_path), "seed": args.seed, "objectives": results}
+    atomic_write(args.out, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main, tyro.cli(Args, description=__doc__.split("\n\n")[0]))

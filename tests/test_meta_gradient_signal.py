@@ -1,0 +1,86 @@
+"""benchmarks/meta_gradient_signal.py: the split-half statistic on known gradients, its per-agent meta-gradients
+against train_lopt.py's meta-step, a tiny end-to-end run and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import train_lopt as tl
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import meta_gradient_signal as mgs  # noqa: E402
+
+BASE = dataclasses.replace(tl.Args(), env_group="catch", num_envs=1, rollout_steps=4, inner_updates=2, hidden_size=8,
+                           reset_interval=4)
+TINY = mgs.Args(tasks=("catch",), objectives=("default",), num_agents=4, sizes=(2, 4), warmup_steps=2,
+                measure_steps=2, splits=4)
+
+
+def test_split_half_cosine_is_one_for_agreement_zero_for_noise_and_follows_signal_to_noise():
+    rng = np.random.default_rng(0)
+    same = np.tile(rng.normal(size=(1, 1, 50)), (2, 16, 1))
+    np.testing.assert_allclose(mgs.split_half_cosines(same, 16, 8, rng), 1.0, rtol=1e-9)
+    noise = rng.normal(size=(2, 16, 20_000))
+    assert abs(mgs.split_half_cosines(noise, 16, 8, rng).mean()) < 0.02
+    # mean + independent noise: r = s2 / |mu|^2 = 8 per agent and task; two tasks average to r = 4 per agent
+    # (each half holds m agents of each task), so halves of m = 4 agree at cos 1 / (1 + 4 / 4) = 0.5
+    mu = rng.normal(size=4000)
+    mu *= 1 / np.linalg.norm(mu)
+    grads = mu + rng.normal(size=(2, 8, 4000)) * np.sqrt(8 / 4000)
+    cos = mgs.split_half_cosines(grads, 8, 64, rng).mean()
+    assert cos == pytest.approx(0.5, abs=0.05)
+    # ... and the population for 0.9 between halves is then 2 * 4 * 0.9 / 0.1 = 72 agents per task
+    assert mgs.agents_for(0.5, 4, 0.9) == pytest.approx(72.0)
+    assert mgs.agents_for(-0.1, 4, 0.9) == float("inf")
+
+
+def test_per_agent_meta_gradients_average_to_the_meta_steps():
+    """The mean of the per-agent meta-gradients is train_lopt's population meta-gradient for the same agents,
+    keys and meta-step (a reset step included), and the population moves on the same way."""
+    args = dataclasses.replace(BASE, num_agents=4)
+    meta = tl.make_meta_train(args, ("catch",))
+    state = meta.init(jax.random.PRNGKey(0))
+    task, population, key = meta.tasks[0], state.populations[0], jax.random.PRNGKey(3)
+    _, forward, with_grads = mgs.make_per_agent(args, task, meta.net)
+    population_meta_grad = jax.jit(lambda *inputs: meta.population_meta_grad(*inputs[:1], task, *inputs[1:]))
+    (_, (expected_population, *_)), expected = population_meta_grad(state.lopt_params, population, key, 1)
+    grads, moved = with_grads(state.lopt_params, population, key, 1)
+    np.testing.assert_allclose(np.asarray(grads).mean(0), ravel_pytree(expected)[0], rtol=2e-4, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(expected_population)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(forward(state.lopt_params, population, key, 1)), jax.tree.leaves(moved)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tiny_run_writes_its_cosines(tmp_path):
+    args = dataclasses.replace(TINY, out=str(tmp_path / "signal.json"))
+    mgs.main(args, BASE)
+    result = json.load(open(args.out))["objectives"]["default"]
+    assert set(result["split_half_cosine"]) == {"2", "4"}
+    assert all(-1 <= c["mean"] <= 1 for c in result["split_half_cosine"].values())
+    assert result["parameters"] > 0 and result["warmup_steps"] == 2
+
+
+@pytest.mark.parametrize("flags, named", [
+    (dict(objectives=("es",)), "--objectives es: unknown; choose from default, paper"),
+    (dict(tasks=("big_maze",)), "--tasks big_maze: unknown"),
+    (dict(sizes=(3,)), "--sizes 3: each must be even"),
+    (dict(sizes=(8,)), "at most --num-agents 4"),
+    (dict(lopt_path="nowhere.msgpack"), "nowhere.msgpack"),
+])
+def test_bad_input_is_a_one_line_error(flags, named, tmp_path, capsys):
+    args = dataclasses.replace(TINY, out=str(tmp_path / "out.json"), **flags)
+    with pytest.raises(SystemExit) as exit_info:
+        mgs.run_cli(mgs.main, args, BASE)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and "\n" not in err
+    assert not os.path.exists(args.out)
