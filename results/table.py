@@ -82,6 +82,12 @@ HEADROOM_COMMAND = "python benchmarks/schedule_headroom.py"
 HEADROOM_OPTIMIZERS = {"sign_sgd": "sign-SGD", "adam": "Adam"}
 HEADROOM_LABELS = {"schedule": "decaying lr (lr, tau picked once for both horizons)",
                    "constant": "constant lr picked once for both horizons"}
+# benchmarks/meta_gradient_signal.py's files -> their commands' flags
+SIGNAL_FILES = {"meta_gradient_signal.json": "",
+                "meta_gradient_signal_eval_batch.json": "--objectives eval_batch --num-agents 16 --sizes 4 8 16 "
+                                                        "--out results/meta_gradient_signal_eval_batch.json"}
+SIGNAL_LABELS = {"default": "default (policy term in TD units)", "paper": "the paper's A2C loss",
+                 "eval_batch": "default, the evaluation's batch (32 envs per agent)"}
 TABLES = {  # table name -> result files, in row order
     "gridworld": ["gridworld_shipped_1e5.json", "gridworld_shipped_1e6.json"],
     "gridworld-previous": ["gridworld_previous_1e5.json", "gridworld_previous_1e6.json"],
@@ -344,10 +350,42 @@ def headroom_table() -> str:
     return "\n".join(lines)
 
 
+def signal_table() -> str:
+    """Split-half cosine of the truncated meta-gradient by population size, one row per objective."""
+    present = [f for f in SIGNAL_FILES if os.path.exists(os.path.join(HERE, f))]
+    if not present:
+        return "_(no result files yet)_"
+    rows = []
+    for name in present:
+        with open(os.path.join(HERE, name)) as f:
+            report = json.load(f)
+        rows += [(name, objective, r) for objective, r in report["objectives"].items()]
+    sizes = sorted({int(n) for _, _, r in rows for n in r["split_half_cosine"]})
+    lines = ["| objective | " + " | ".join(f"{n} agents" for n in sizes) + " | agents for 0.5 / 0.9 | cost |",
+             "|---|" + "---:|" * (len(sizes) + 2)]
+    for name, objective, r in rows:
+        cosines = r["split_half_cosine"]
+        cells = [f"{cosines[str(n)]['mean']:.2f} ± {cosines[str(n)]['stderr']:.2f}" if str(n) in cosines else ""
+                 for n in sizes]
+        needed = " / ".join("none" if v is None else f"{v:.0f}" for v in r["agents_per_task_for_cosine"].values())
+        lines.append(f"| {SIGNAL_LABELS[objective]} | " + " | ".join(cells)
+                     + f" | {needed} | {r['seconds'] / 60:.0f} min |")
+    lines.append("")
+    lines.append("Cosine between the meta-gradients of two disjoint halves of a population (agents per task; mean over "
+                 "64 random splits x 8 meta-steps ± the standard error over meta-steps), at the optimizer's meta-step-0 "
+                 "parameters, both small grids, the pipeline filled first (64 meta-steps). `agents for`: agents per task "
+                 "a meta-step needs for that cosine between its halves, extrapolated from the largest population "
+                 "(none: no agreement measured). Cost: wall time on the 2 cores, shared with one other run. Commands: "
+                 + "; ".join(f"`{('python benchmarks/meta_gradient_signal.py ' + SIGNAL_FILES[f]).strip()}`"
+                             for f in present)
+                 + ". Files: " + ", ".join(f"[results/{f}](results/{f})" for f in present) + ".")
+    return "\n".join(lines)
+
+
 def tables() -> dict[str, str]:
     return {"gridworld": gridworld_table(TABLES["gridworld"], ("schedule",)),
             "gridworld-previous": gridworld_table(TABLES["gridworld-previous"]), "gridworld-headroom": headroom_table(),
-            "brax": brax_table(),
+            "meta-gradient-signal": signal_table(), "brax": brax_table(),
             "meta-screens": screens_table(), "policy-only-seeds": seeds_table(),
             "policy-only-2000": long_runs_table()}
 

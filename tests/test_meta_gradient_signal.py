@@ -39,7 +39,7 @@ def test_split_half_cosine_is_one_for_agreement_zero_for_noise_and_follows_signa
     assert cos == pytest.approx(0.5, abs=0.05)
     # ... and the population for 0.9 between halves is then 2 * 4 * 0.9 / 0.1 = 72 agents per task
     assert mgs.agents_for(0.5, 4, 0.9) == pytest.approx(72.0)
-    assert mgs.agents_for(-0.1, 4, 0.9) == float("inf")
+    assert mgs.agents_for(-0.1, 4, 0.9) is None  # no agreement: no population is enough
 
 
 def test_per_agent_meta_gradients_average_to_the_meta_steps():
@@ -70,7 +70,7 @@ def test_tiny_run_writes_its_cosines(tmp_path):
 
 
 @pytest.mark.parametrize("flags, named", [
-    (dict(objectives=("es",)), "--objectives es: unknown; choose from default, paper"),
+    (dict(objectives=("es",)), "--objectives es: unknown; choose from default, paper, eval_batch"),
     (dict(tasks=("big_maze",)), "--tasks big_maze: unknown"),
     (dict(sizes=(3,)), "--sizes 3: each must be even"),
     (dict(sizes=(8,)), "at most --num-agents 4"),
