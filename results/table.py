@@ -65,12 +65,16 @@ SCREENS = {
     "normalize_step_lr_1e-2_envs_32.csv": f"{PAPER_LOSS} --num-envs 32",
     "normalize_step_lr_1e-2_meta_lr_1e-4.csv": f"{PAPER_LOSS} --meta-lr 1e-4",
     "normalize_step_lr_1e-2_td_policy_only.csv": "",
+    "envs_32.csv": "--num-envs 32",
     "es_pilot.csv": "ES pilot: python benchmarks/es_pilot.py --es-steps 30 (8 antithetic pairs x 4 seeds per task)",
 }
 POLICY_ONLY = "--normalize-step --lopt-lr 1e-2 --meta-loss-scale td --meta-value-coef 0"
 # The kept optimizer of `python train_lopt.py --env-group gridworld <POLICY_ONLY> --seed S` (its final evaluation's
 # eval.json; seed 0's meta-training ran with --no-final-eval, then --eval-only on its optimizer_best.msgpack)
 SEED_FILES = {f"gridworld_policy_only_s{seed}_1e5.json": seed for seed in (0, 1, 2)}
+# The kept optimizer of `python train_lopt.py --env-group gridworld --num-envs 32 --no-final-eval --seed S`, then
+# --eval-only on its optimizer_best.msgpack (the default with the evaluation's batch per agent)
+ENVS_32_FILES = {f"gridworld_envs32_s{seed}_1e5.json": seed for seed in (0, 1, 2)}
 SEED_ROWS = ("lopt", "lopt_tuned", "lopt_init", "sign_sgd", "adam")
 # meta_screens/ file -> meta-seed: the default recipe's validation over 2000 meta-steps (the runs of SEED_FILES,
 # resumed with --resume --meta-steps 2000 --no-final-eval)
@@ -167,9 +171,9 @@ def gridworld_table(files: list[str], headroom_kinds: tuple[str, ...] = ()) -> s
     return "\n".join(lines)
 
 
-def seeds_table() -> str:
+def seeds_table(files: dict[str, int]) -> str:
     """One row per meta-seed: the kept optimizer and the tuned baselines, IQM over both tasks [95% CI]."""
-    present = [f for f in SEED_FILES if os.path.exists(os.path.join(HERE, f))]
+    present = [f for f in files if os.path.exists(os.path.join(HERE, f))]
     if not present:
         return "_(no result files yet)_"
     labels = {**ROWS, "lopt_init": "its meta-step-0 self (sign-SGD), same lr"}
@@ -178,7 +182,7 @@ def seeds_table() -> str:
     for name in present:
         report = load(name)
         cells = [cell(report["summary"]["aggregate"][n]) for n in SEED_ROWS]
-        lines.append(f"| {SEED_FILES[name]} | {report['lopt_meta_step']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {files[name]} | {report['lopt_meta_step']} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Both small grids, 1e5 env steps, normalised final return (1 = tuned Adam's mean): IQM over 2 x 16 "
                  "evaluation seeds [95% stratified-bootstrap interval]; every lr picked on 16 validation seeds. "
@@ -386,7 +390,8 @@ def tables() -> dict[str, str]:
     return {"gridworld": gridworld_table(TABLES["gridworld"], ("schedule",)),
             "gridworld-previous": gridworld_table(TABLES["gridworld-previous"]), "gridworld-headroom": headroom_table(),
             "meta-gradient-signal": signal_table(), "brax": brax_table(),
-            "meta-screens": screens_table(), "policy-only-seeds": seeds_table(),
+            "meta-screens": screens_table(), "policy-only-seeds": seeds_table(SEED_FILES),
+            "envs-32-seeds": seeds_table(ENVS_32_FILES),
             "policy-only-2000": long_runs_table()}
 
 
