@@ -301,6 +301,13 @@ def check_args(args: Any, positive: tuple[str, ...] = (), non_negative: tuple[st
         raise UserError(f"--seed {seed}: must be an integer in [0, {2**32 - 1}]")
 
 
+def check_choices(flag: str, values, choices) -> None:
+    """Each of `values` must be one of `choices`: otherwise a one-line error naming the valid ones."""
+    for value in values:
+        if value not in choices:
+            raise UserError(f"{flag} {value}: unknown; choose from {', '.join(choices)}")
+
+
 def check_writable_dir(path: str, flag: str = "--out-dir") -> None:
     """Create `path` if needed and make sure a file can be written there, before any work is done."""
     try:

@@ -36,7 +36,7 @@ from jax.flatten_util import ravel_pytree
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_lopt as tl  # noqa: E402
-from common import GRIDWORLDS, UserError, atomic_write, check_args, recorded, run_cli  # noqa: E402
+from common import GRIDWORLDS, UserError, atomic_write, check_args, check_choices, recorded, run_cli  # noqa: E402
 
 OBJECTIVES = {  # name -> train_lopt.Args fields that differ from its defaults
     "default": {},
@@ -178,12 +178,8 @@ def measure(args: Args, objective: str, base: tl.Args, log=print) -> dict:
 
 def main(args: Args, base: tl.Args | None = None) -> None:
     check_args(args, positive=("num_agents", "measure_steps", "splits"), non_negative=("warmup_steps",))
-    for name in args.objectives:
-        if name not in OBJECTIVES:
-            raise UserError(f"--objectives {name}: unknown; choose from {', '.join(OBJECTIVES)}")
-    for name in args.tasks:
-        if name not in TASKS:
-            raise UserError(f"--tasks {name}: unknown; choose from {', '.join(TASKS)}")
+    check_choices("--objectives", args.objectives, OBJECTIVES)
+    check_choices("--tasks", args.tasks, TASKS)
     for size in args.sizes:
         if size < 2 or size % 2 or size > args.num_agents:
             raise UserError(f"--sizes {size}: each must be even, >= 2 and at most --num-agents {args.num_agents}")

@@ -35,7 +35,7 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_lopt as tl  # noqa: E402
-from common import GRIDWORLDS, UserError, atomic_write, check_args, recorded, run_cli  # noqa: E402
+from common import GRIDWORLDS, UserError, atomic_write, check_args, check_choices, recorded, run_cli  # noqa: E402
 
 OPTIMIZERS = ("adam", "sign_sgd")
 TASKS = (*GRIDWORLDS, "catch")
@@ -148,12 +148,8 @@ def run_task(args: Args, runs: Runs, task_name: str, name: str) -> dict:
 
 def main(args: Args, agent_args: tl.Args | None = None) -> None:
     check_args(args, positive=("val_seeds", "eval_seeds", "eval_envs"))
-    for name in args.optimizers:
-        if name not in OPTIMIZERS:
-            raise UserError(f"--optimizers {name}: unknown; choose from {', '.join(OPTIMIZERS)}")
-    for task_name in args.tasks:
-        if task_name not in TASKS:
-            raise UserError(f"--tasks {task_name}: unknown; choose from {', '.join(TASKS)}")
+    check_choices("--optimizers", args.optimizers, OPTIMIZERS)
+    check_choices("--tasks", args.tasks, TASKS)
     if min(args.lrs) <= 0 or min(args.taus, default=1.0) <= 0:
         raise UserError("--lrs and --taus must be positive")
     update_steps = (agent_args or tl.Args()).rollout_steps * args.eval_envs

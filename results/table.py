@@ -145,23 +145,31 @@ def steps_label(report: dict) -> str:
     return f"{report['eval_steps']:.0e}".replace("e+0", "e")
 
 
+def table_head(tasks: list[str]) -> list[str]:
+    return ["| env steps per agent | optimizer | learning rate | " + " | ".join(tasks) + " | both tasks (IQM) |",
+            "|---|---|---|" + "---:|" * (len(tasks) + 1)]
+
+
+def report_rows(report: dict, rows: dict[str, str]) -> list[str]:
+    """One row per optimizer of a tuned evaluation's file (name -> label): its lrs, per-task and aggregate cells."""
+    tasks, summary, lines = list(report["tasks"]), report["summary"], []
+    for name, label in rows.items():
+        lrs = " / ".join(tl.format_lr(report["tasks"][t]["lr"][name]) for t in tasks)
+        cells = [cell(summary["per_task"][t][name]) for t in tasks]
+        aggregate = cell(summary["aggregate"][name]) if summary["aggregate"] else "n/a"
+        bold = "**" if name.startswith("lopt") else ""
+        lines.append(f"| {steps_label(report)} | {label} | {lrs} | "
+                     + " | ".join(f"{bold}{c}{bold}" for c in cells) + f" | {bold}{aggregate}{bold} |")
+    return lines
+
+
 def gridworld_table(files: list[str], headroom_kinds: tuple[str, ...] = ()) -> str:
     reports = [load(f) for f in files if os.path.exists(os.path.join(HERE, f))]
     if not reports:
         return "_(no result files yet)_"
-    tasks = list(reports[0]["tasks"])
-    lines = ["| env steps per agent | optimizer | learning rate | " + " | ".join(tasks) + " | both tasks (IQM) |",
-             "|---|---|---|" + "---:|" * (len(tasks) + 1)]
+    lines = table_head(list(reports[0]["tasks"]))
     for report in reports:
-        summary = report["summary"]
-        for name, label in ROWS.items():
-            lrs = " / ".join(tl.format_lr(report["tasks"][t]["lr"][name]) for t in tasks)
-            cells = [cell(summary["per_task"][t][name]) for t in tasks]
-            aggregate = cell(summary["aggregate"][name]) if summary["aggregate"] else "n/a"
-            bold = "**" if name.startswith("lopt") else ""
-            lines.append(f"| {steps_label(report)} | {label} | {lrs} | "
-                         + " | ".join(f"{bold}{c}{bold}" for c in cells) + f" | {bold}{aggregate}{bold} |")
-        lines += headroom_rows(report, headroom_kinds)
+        lines += report_rows(report, ROWS) + headroom_rows(report, headroom_kinds)
     seeds = {(r["eval_seeds"], r["val_seeds"]) for r in reports}
     lines.append("")
     lines.append("Normalised final return, 0 = random policy, 1 = tuned Adam (mean): interquartile mean over "
@@ -332,16 +340,9 @@ def headroom_table() -> str:
     if not os.path.exists(os.path.join(HERE, HEADROOM)):
         return "_(no result file yet)_"
     reports = [load(f) for f in TABLES["gridworld"]]
-    tasks = list(reports[0]["tasks"])
-    lines = ["| env steps per agent | optimizer | learning rate | " + " | ".join(tasks) + " | both tasks (IQM) |",
-             "|---|---|---|" + "---:|" * (len(tasks) + 1)]
+    lines = table_head(list(reports[0]["tasks"]))
     for report in reports:
-        summary = report["summary"]
-        for name, label in HEADROOM_OPTIMIZERS.items():
-            lrs = " / ".join(tl.format_lr(report["tasks"][t]["lr"][name]) for t in tasks)
-            cells = [cell(summary["per_task"][t][name]) for t in tasks]
-            lines.append(f"| {steps_label(report)} | {label}, lr tuned per horizon"
-                         f" | {lrs} | " + " | ".join(cells) + f" | {cell(summary['aggregate'][name])} |")
+        lines += report_rows(report, {n: f"{label}, lr tuned per horizon" for n, label in HEADROOM_OPTIMIZERS.items()})
         lines += headroom_rows(report, ("constant", "schedule"))
     with open(os.path.join(HERE, HEADROOM)) as f:
         headroom = json.load(f)
