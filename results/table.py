@@ -72,9 +72,11 @@ POLICY_ONLY = "--normalize-step --lopt-lr 1e-2 --meta-loss-scale td --meta-value
 # The kept optimizer of `python train_lopt.py --env-group gridworld <POLICY_ONLY> --seed S` (its final evaluation's
 # eval.json; seed 0's meta-training ran with --no-final-eval, then --eval-only on its optimizer_best.msgpack)
 SEED_FILES = {f"gridworld_policy_only_s{seed}_1e5.json": seed for seed in (0, 1, 2)}
-# The kept optimizer of `python train_lopt.py --env-group gridworld --num-envs 32 --no-final-eval --seed S`, then
-# --eval-only on its optimizer_best.msgpack (the default with the evaluation's batch per agent)
+# The kept optimizer of `python train_lopt.py --env-group gridworld --num-envs 32 --seed S` (the default with the
+# evaluation's batch per agent; seed 0 ran with --no-final-eval, then --eval-only on its optimizer_best.msgpack);
+# at 1e6: --eval-only --eval-steps 1000000 on the same optimizer_best.msgpack
 ENVS_32_FILES = {f"gridworld_envs32_s{seed}_1e5.json": seed for seed in (0, 1, 2)}
+ENVS_32_1E6_FILES = {f"gridworld_envs32_s{seed}_1e6.json": seed for seed in (0, 1, 2)}  # --eval-steps 1000000
 SEED_ROWS = ("lopt", "lopt_tuned", "lopt_init", "sign_sgd", "adam")
 # meta_screens/ file -> meta-seed: the default recipe's validation over 2000 meta-steps (the runs of SEED_FILES,
 # resumed with --resume --meta-steps 2000 --no-final-eval)
@@ -192,7 +194,8 @@ def seeds_table(files: dict[str, int]) -> str:
         cells = [cell(report["summary"]["aggregate"][n]) for n in SEED_ROWS]
         lines.append(f"| {files[name]} | {report['lopt_meta_step']} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Both small grids, 1e5 env steps, normalised final return (1 = tuned Adam's mean): IQM over 2 x 16 "
+    steps = f"{load(present[0])['eval_steps']:.0e}".replace("+0", "")
+    lines.append(f"Both small grids, {steps} env steps, normalised final return (1 = tuned Adam's mean): IQM over 2 x 16 "
                  "evaluation seeds [95% stratified-bootstrap interval]; every lr picked on 16 validation seeds. "
                  "Files: " + ", ".join(f"[results/{f}](results/{f})" for f in present) + ".")
     return "\n".join(lines)
@@ -392,7 +395,7 @@ def tables() -> dict[str, str]:
             "gridworld-previous": gridworld_table(TABLES["gridworld-previous"]), "gridworld-headroom": headroom_table(),
             "meta-gradient-signal": signal_table(), "brax": brax_table(),
             "meta-screens": screens_table(), "policy-only-seeds": seeds_table(SEED_FILES),
-            "envs-32-seeds": seeds_table(ENVS_32_FILES),
+            "envs-32-seeds": seeds_table(ENVS_32_FILES), "envs-32-seeds-1e6": seeds_table(ENVS_32_1E6_FILES),
             "policy-only-2000": long_runs_table()}
 
 
