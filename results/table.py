@@ -194,8 +194,7 @@ def seeds_table(files: dict[str, int]) -> str:
         cells = [cell(report["summary"]["aggregate"][n]) for n in SEED_ROWS]
         lines.append(f"| {files[name]} | {report['lopt_meta_step']} | " + " | ".join(cells) + " |")
     lines.append("")
-    steps = f"{load(present[0])['eval_steps']:.0e}".replace("+0", "")
-    lines.append(f"Both small grids, {steps} env steps, normalised final return (1 = tuned Adam's mean): IQM over 2 x 16 "
+    lines.append(f"Both small grids, {steps_label(load(present[0]))} env steps, normalised final return (1 = tuned Adam's mean): IQM over 2 x 16 "
                  "evaluation seeds [95% stratified-bootstrap interval]; every lr picked on 16 validation seeds. "
                  "Files: " + ", ".join(f"[results/{f}](results/{f})" for f in present) + ".")
     return "\n".join(lines)
