@@ -93,8 +93,9 @@ class Args:
     agents_per_chunk: Annotated[int | None, MayChange] = 8
     """meta-gradients of this many agents of a task are computed at a time (a scan over chunks), so peak memory
     follows the chunk, not the population; None: the whole population at once"""
-    num_envs: int = 4
-    """environment streams per agent (the paper uses one)"""
+    num_envs: int = 32
+    """environment streams per agent: the final evaluation's batch (--eval-envs), so meta-training sees the gradient
+    noise the optimizer is judged at; with 4, 8 agents' meta-gradients do not agree (docs/results.md). The paper: 1"""
     inner_updates: int = 4
     """K: learned-optimizer steps per meta-step, back-propagated through"""
     rollout_steps: int = 20

@@ -26,14 +26,19 @@ import numpy as np  # noqa: E402
 import train_lopt as tl  # noqa: E402
 from common import iqm_interval  # noqa: E402
 
-PREVIOUS = "--lopt-path checkpoints/previous/optim4rl_gridworld.msgpack"
-# result file -> the command that wrote it (as runs/<run-name>/eval.json, then copied here)
+PREVIOUS = "--lopt-path checkpoints/previous/optim4rl_gridworld.msgpack"  # shipped 2026-11-28 to 2026-12-03
+FIRST = "--lopt-path checkpoints/2026-11-25/optim4rl_gridworld.msgpack"  # shipped 2026-11-25 to 2026-11-28
+E6 = "--eval-steps 1000000"
+# result file -> the command that wrote it (as runs/<run-name>/eval.json, then copied here; a file written before
+# its checkpoint moved under checkpoints/ names the checkpoint's new place). gridworld_shipped_1e6.json is
+# gridworld_envs32_s2_1e6.json, the same checkpoint: its 1e5 command reproduced gridworld_envs32_s2_1e5.json exactly
 FILES = {
     "gridworld_shipped_1e5.json": "python train_lopt.py --env-group gridworld --eval-only",
-    "gridworld_shipped_1e6.json": "python train_lopt.py --env-group gridworld --eval-only --eval-steps 1000000",
+    "gridworld_shipped_1e6.json": f"python train_lopt.py --env-group gridworld --eval-only {E6}",
     "gridworld_previous_1e5.json": f"python train_lopt.py --env-group gridworld --eval-only {PREVIOUS}",
-    "gridworld_previous_1e6.json": f"python train_lopt.py --env-group gridworld --eval-only --eval-steps 1000000 "
-                                   f"{PREVIOUS}",
+    "gridworld_previous_1e6.json": f"python train_lopt.py --env-group gridworld --eval-only {E6} {PREVIOUS}",
+    "gridworld_2026-11-25_1e5.json": f"python train_lopt.py --env-group gridworld --eval-only {FIRST}",
+    "gridworld_2026-11-25_1e6.json": f"python train_lopt.py --env-group gridworld --eval-only {E6} {FIRST}",
 }
 ROWS = {  # eval.json name -> row label
     "lopt": "learned optimizer, its meta-trained lr",
@@ -43,42 +48,46 @@ ROWS = {  # eval.json name -> row label
     "adam": "Adam, lr tuned",
 }
 BRAX = "python eval_brax.py --num-seeds 8"
-# Brax result file -> the command that wrote it (its summary.json, copied here)
+# Brax result file -> the command that wrote it (its summary.json, copied here; run while the optimizer now in
+# checkpoints/previous/ was the shipped one, the default --lopt-path then)
+BRAX_TUNED = f"--optimizers adam lopt --learning-rates 1e-3 3e-4 1e-4 {PREVIOUS}"
 BRAX_FILES = {
-    "brax_inverted_double_pendulum_tuned.json": f"{BRAX} --env inverted_double_pendulum --optimizers adam lopt "
-                                                "--learning-rates 1e-3 3e-4 1e-4",
+    "brax_inverted_double_pendulum_tuned.json": f"{BRAX} --env inverted_double_pendulum {BRAX_TUNED}",
     "brax_inverted_double_pendulum_adam_brax.json": f"{BRAX} --env inverted_double_pendulum --optimizers adam_brax",
-    "brax_hopper_tuned.json": f"{BRAX} --env hopper --optimizers adam lopt --learning-rates 1e-3 3e-4 1e-4",
+    "brax_hopper_tuned.json": f"{BRAX} --env hopper {BRAX_TUNED}",
     "brax_hopper_adam_brax.json": f"{BRAX} --env hopper --optimizers adam_brax",
 }
 SCREEN = "python train_lopt.py --env-group gridworld --no-final-eval --seed 0"
 PAPER_LOSS = "--meta-value-coef 0.5 --meta-loss-scale raw"  # the paper's meta-loss; the default is policy-only, td
-OLD_DEFAULT = f"{PAPER_LOSS} --no-normalize-step --lopt-lr 3e-3"  # the bare command before 2026-11-29
+ENVS_4 = "--num-envs 4"  # the default batch per agent before 2026-12-03
+OLD_DEFAULT = f"{PAPER_LOSS} --no-normalize-step --lopt-lr 3e-3 {ENVS_4}"  # the bare command before 2026-11-29
 # meta_screens/ file -> the flags added to SCREEN, relative to today's defaults (a run stopped early is marked so)
 SCREENS = {
     "default.csv": OLD_DEFAULT,
     "num_agents_32.csv": f"{OLD_DEFAULT} --num-agents 32",
-    "td.csv": "--meta-value-coef 0.5 --no-normalize-step --lopt-lr 3e-3",
-    "normalize_step_lr_1e-2.csv": PAPER_LOSS,
-    "normalize_step_lr_1e-2_td.csv": "--meta-value-coef 0.5",
-    "normalize_step_lr_1e-2_k16.csv": f"{PAPER_LOSS} --inner-updates 16",
-    "normalize_step_lr_1e-2_envs_32.csv": f"{PAPER_LOSS} --num-envs 32",
-    "normalize_step_lr_1e-2_meta_lr_1e-4.csv": f"{PAPER_LOSS} --meta-lr 1e-4",
-    "normalize_step_lr_1e-2_td_policy_only.csv": "",
-    "envs_32.csv": "--num-envs 32",
+    "td.csv": f"--meta-value-coef 0.5 --no-normalize-step --lopt-lr 3e-3 {ENVS_4}",
+    "normalize_step_lr_1e-2.csv": f"{PAPER_LOSS} {ENVS_4}",
+    "normalize_step_lr_1e-2_td.csv": f"--meta-value-coef 0.5 {ENVS_4}",
+    "normalize_step_lr_1e-2_k16.csv": f"{PAPER_LOSS} --inner-updates 16 {ENVS_4}",
+    "normalize_step_lr_1e-2_envs_32.csv": PAPER_LOSS,
+    "normalize_step_lr_1e-2_meta_lr_1e-4.csv": f"{PAPER_LOSS} --meta-lr 1e-4 {ENVS_4}",
+    "normalize_step_lr_1e-2_td_policy_only.csv": ENVS_4,
+    "envs_32.csv": "",
     "es_pilot.csv": "ES pilot: python benchmarks/es_pilot.py --es-steps 30 (8 antithetic pairs x 4 seeds per task)",
 }
-POLICY_ONLY = "--normalize-step --lopt-lr 1e-2 --meta-loss-scale td --meta-value-coef 0"
+POLICY_ONLY = f"--normalize-step --lopt-lr 1e-2 --meta-loss-scale td --meta-value-coef 0 {ENVS_4}"
 # The kept optimizer of `python train_lopt.py --env-group gridworld <POLICY_ONLY> --seed S` (its final evaluation's
 # eval.json; seed 0's meta-training ran with --no-final-eval, then --eval-only on its optimizer_best.msgpack)
 SEED_FILES = {f"gridworld_policy_only_s{seed}_1e5.json": seed for seed in (0, 1, 2)}
-# The kept optimizer of `python train_lopt.py --env-group gridworld --num-envs 32 --seed S` (the default with the
-# evaluation's batch per agent; seed 0 ran with --no-final-eval, then --eval-only on its optimizer_best.msgpack);
-# at 1e6: --eval-only --eval-steps 1000000 on the same optimizer_best.msgpack
+# The kept optimizer of `python train_lopt.py --env-group gridworld --num-envs 32 --seed S` (the default since
+# 2026-12-03: the evaluation's batch per agent; seed 0 ran with --no-final-eval, then --eval-only on its
+# optimizer_best.msgpack); at 1e6: --eval-only --eval-steps 1000000 on the same optimizer_best.msgpack
 ENVS_32_FILES = {f"gridworld_envs32_s{seed}_1e5.json": seed for seed in (0, 1, 2)}
 ENVS_32_1E6_FILES = {f"gridworld_envs32_s{seed}_1e6.json": seed for seed in (0, 1, 2)}  # --eval-steps 1000000
 SEED_ROWS = ("lopt", "lopt_tuned", "lopt_init", "sign_sgd", "adam")
-# meta_screens/ file -> meta-seed: the default recipe's validation over 2000 meta-steps (the runs of SEED_FILES,
+# meta_screens/ file -> meta-seed: the default recipe's validation over 1000 meta-steps (the runs of ENVS_32_FILES)
+DEFAULT_RUNS = {"envs_32.csv": 0, "envs_32_s1.csv": 1, "envs_32_s2.csv": 2}
+# meta_screens/ file -> meta-seed: the POLICY_ONLY recipe's validation over 2000 meta-steps (the runs of SEED_FILES,
 # resumed with --resume --meta-steps 2000 --no-final-eval)
 LONG_RUNS = {f"policy_only_s{seed}_2000.csv": seed for seed in (0, 1, 2)}
 # benchmarks/schedule_headroom.py's file: Adam and sign-SGD with lr / sqrt(1 + t / tau), (lr, tau) picked once for
@@ -97,6 +106,7 @@ SIGNAL_LABELS = {"default": "default (policy term in TD units)", "paper": "the p
 TABLES = {  # table name -> result files, in row order
     "gridworld": ["gridworld_shipped_1e5.json", "gridworld_shipped_1e6.json"],
     "gridworld-previous": ["gridworld_previous_1e5.json", "gridworld_previous_1e6.json"],
+    "gridworld-2026-11-25": ["gridworld_2026-11-25_1e5.json", "gridworld_2026-11-25_1e6.json"],
 }
 
 
@@ -218,7 +228,9 @@ def brax_table() -> str:
     by_env = {}
     for name in present:
         report = load_brax(name)
-        by_env.setdefault(report["env"], {}).update(report["optimizers"])
+        checkpoint = checkpoint_name(report["settings"]["lopt_path"])
+        by_env.setdefault(report["env"], {}).update({n: {**r, "checkpoint": checkpoint}
+                                                    for n, r in report["optimizers"].items()})
     lines = ["| task | optimizer | learning rate | seeds | final return, IQM [95% CI] | IQM / best clipped Adam |",
              "|---|---|---|---:|---:|---:|"]
     for env, runs in by_env.items():
@@ -227,7 +239,8 @@ def brax_table() -> str:
         for run_name, r in runs.items():
             iqm, low, high = r["recomputed_iqm_ci"]
             label = {"adam": "Adam, learned optimizer's clip", "adam_brax": "Adam, Brax's setting (no clip)",
-                     "lopt": "learned optimizer (shipped)"}.get(run_name.split("@")[0], run_name.split("@")[0])
+                     "lopt": f"learned optimizer ({r['checkpoint']})"
+                     }.get(run_name.split("@")[0], run_name.split("@")[0])
             bold = "**" if run_name == "lopt" else ""
             lines.append(f"| {env} | {label} | {tl.format_lr(r['learning_rate'])} | {len(r['final_returns'])} | "
                          f"{bold}{iqm:.0f} [{low:.0f}, {high:.0f}]{bold} | {bold}{iqm / best:.2f}{bold} |")
@@ -236,6 +249,12 @@ def brax_table() -> str:
                  "seeds it is reported on (this favours Adam). Files: "
                  + ", ".join(f"[results/{f}](results/{f})" for f in present) + ".")
     return "\n".join(lines)
+
+
+def checkpoint_name(path: str) -> str:
+    """How a table names a checkpoint under checkpoints/: shipped, previous, or its folder."""
+    folder = os.path.basename(os.path.dirname(path))
+    return "shipped" if folder == "checkpoints" else folder
 
 
 def load_screen(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -292,15 +311,15 @@ def plot_screens(path: str) -> None:
     plt.close(fig)
 
 
-def plot_long_runs(path: str) -> None:
-    """The default recipe on 3 meta-seeds: validation score and the learned step relative to sign-SGD's."""
+def plot_seed_runs(runs: dict[str, int], path: str) -> None:
+    """A recipe on 3 meta-seeds: validation score and the learned step relative to sign-SGD's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (score_ax, step_ax) = plt.subplots(1, 2, figsize=(11, 3.6))
-    for name, seed in LONG_RUNS.items():
+    for name, seed in runs.items():
         path_csv = os.path.join(HERE, "meta_screens", name)
         if not os.path.exists(path_csv):
             continue
@@ -331,7 +350,7 @@ def long_runs_table() -> str:
     for name in present:
         lines.append("| " + " | ".join([str(LONG_RUNS[name]), *trajectory_cells(name, at=(1000,))]) + " |")
     lines.append("")
-    lines.append("Validation score (1 = tuned Adam) of the default recipe, every 25 meta-steps. Files: "
+    lines.append(f"Validation score (1 = tuned Adam) of `{POLICY_ONLY}`, every 25 meta-steps. Files: "
                  + ", ".join(f"[results/meta_screens/{f}](results/meta_screens/{f})" for f in present) + ".")
     return "\n".join(lines)
 
@@ -391,7 +410,9 @@ def signal_table() -> str:
 
 def tables() -> dict[str, str]:
     return {"gridworld": gridworld_table(TABLES["gridworld"], ("schedule",)),
-            "gridworld-previous": gridworld_table(TABLES["gridworld-previous"]), "gridworld-headroom": headroom_table(),
+            "gridworld-previous": gridworld_table(TABLES["gridworld-previous"]),
+            "gridworld-2026-11-25": gridworld_table(TABLES["gridworld-2026-11-25"]),
+            "gridworld-headroom": headroom_table(),
             "meta-gradient-signal": signal_table(), "brax": brax_table(),
             "meta-screens": screens_table(), "policy-only-seeds": seeds_table(SEED_FILES),
             "envs-32-seeds": seeds_table(ENVS_32_FILES), "envs-32-seeds-1e6": seeds_table(ENVS_32_1E6_FILES),
@@ -429,7 +450,7 @@ def main(argv: list[str]) -> None:
             f.write(rewrite(text, generated, prefix))
         print(f"rewrote {', '.join(blocks(text)) or 'no tables'} in {document}")
     plot_screens(os.path.join(REPO, "docs", "meta_screens.png"))
-    plot_long_runs(os.path.join(REPO, "docs", "meta_training_default.png"))
+    plot_seed_runs(DEFAULT_RUNS, os.path.join(REPO, "docs", "meta_training_default.png"))
 
 
 if __name__ == "__main__":
