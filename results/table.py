@@ -48,14 +48,17 @@ ROWS = {  # eval.json name -> row label
     "adam": "Adam, lr tuned",
 }
 BRAX = "python eval_brax.py --num-seeds 8"
-# Brax result file -> the command that wrote it (its summary.json, copied here; run while the optimizer now in
-# checkpoints/previous/ was the shipped one, the default --lopt-path then)
+# Brax result file -> the command that wrote it (its summary.json, copied here; the _tuned and _adam_brax files were
+# run while the optimizer now in checkpoints/previous/ was the shipped one, the default --lopt-path then)
 BRAX_TUNED = f"--optimizers adam lopt --learning-rates 1e-3 3e-4 1e-4 {PREVIOUS}"
 BRAX_FILES = {
     "brax_inverted_double_pendulum_tuned.json": f"{BRAX} --env inverted_double_pendulum {BRAX_TUNED}",
     "brax_inverted_double_pendulum_adam_brax.json": f"{BRAX} --env inverted_double_pendulum --optimizers adam_brax",
     "brax_hopper_tuned.json": f"{BRAX} --env hopper {BRAX_TUNED}",
     "brax_hopper_adam_brax.json": f"{BRAX} --env hopper --optimizers adam_brax",
+    # the optimizer shipped since 2026-12-03 (the default --lopt-path)
+    "brax_inverted_double_pendulum_shipped.json": f"{BRAX} --env inverted_double_pendulum --optimizers lopt",
+    "brax_hopper_shipped.json": f"{BRAX} --env hopper --optimizers lopt",
 }
 SCREEN = "python train_lopt.py --env-group gridworld --no-final-eval --seed 0"
 PAPER_LOSS = "--meta-value-coef 0.5 --meta-loss-scale raw"  # the paper's meta-loss; the default is policy-only, td
@@ -73,6 +76,7 @@ SCREENS = {
     "normalize_step_lr_1e-2_meta_lr_1e-4.csv": f"{PAPER_LOSS} --meta-lr 1e-4 {ENVS_4}",
     "normalize_step_lr_1e-2_td_policy_only.csv": ENVS_4,
     "envs_32.csv": "",
+    "reset_400_no_normalize.csv": "--reset-interval 400 --no-normalize-step",
     "es_pilot.csv": "ES pilot: python benchmarks/es_pilot.py --es-steps 30 (8 antithetic pairs x 4 seeds per task)",
 }
 POLICY_ONLY = f"--normalize-step --lopt-lr 1e-2 --meta-loss-scale td --meta-value-coef 0 {ENVS_4}"
@@ -84,6 +88,10 @@ SEED_FILES = {f"gridworld_policy_only_s{seed}_1e5.json": seed for seed in (0, 1,
 # optimizer_best.msgpack); at 1e6: --eval-only --eval-steps 1000000 on the same optimizer_best.msgpack
 ENVS_32_FILES = {f"gridworld_envs32_s{seed}_1e5.json": seed for seed in (0, 1, 2)}
 ENVS_32_1E6_FILES = {f"gridworld_envs32_s{seed}_1e6.json": seed for seed in (0, 1, 2)}  # --eval-steps 1000000
+# The kept optimizer of the screen `--reset-interval 400 --no-normalize-step` (meta_screens/reset_400_no_normalize.csv:
+# lifetimes of 400 x K 4 = 1,600 updates, the step's size left to meta-training), at both horizons:
+# python train_lopt.py --env-group gridworld --eval-only [--eval-steps 1000000] --lopt-path <run>/optimizer_best.msgpack
+ALIGNED_FILES = {"gridworld_aligned_s0_1e5.json": "1e5", "gridworld_aligned_s0_1e6.json": "1e6"}  # --eval-steps
 SEED_ROWS = ("lopt", "lopt_tuned", "lopt_init", "sign_sgd", "adam")
 # meta_screens/ file -> meta-seed: the default recipe's validation over 1000 meta-steps (the runs of ENVS_32_FILES)
 DEFAULT_RUNS = {"envs_32.csv": 0, "envs_32_s1.csv": 1, "envs_32_s2.csv": 2}
@@ -191,20 +199,22 @@ def gridworld_table(files: list[str], headroom_kinds: tuple[str, ...] = ()) -> s
     return "\n".join(lines)
 
 
-def seeds_table(files: dict[str, int]) -> str:
-    """One row per meta-seed: the kept optimizer and the tuned baselines, IQM over both tasks [95% CI]."""
+def seeds_table(files: dict[str, int | str], column: str = "meta-seed") -> str:
+    """One row per file (a meta-seed, or what `column` names): the kept optimizer and the tuned baselines, IQM over
+    both tasks [95% CI]."""
     present = [f for f in files if os.path.exists(os.path.join(HERE, f))]
     if not present:
         return "_(no result files yet)_"
     labels = {**ROWS, "lopt_init": "its meta-step-0 self (sign-SGD), same lr"}
-    lines = ["| meta-seed | kept at meta-step | " + " | ".join(labels[n] for n in SEED_ROWS) + " |",
+    lines = [f"| {column} | kept at meta-step | " + " | ".join(labels[n] for n in SEED_ROWS) + " |",
              "|---:|---:|" + "---:|" * len(SEED_ROWS)]
     for name in present:
         report = load(name)
         cells = [cell(report["summary"]["aggregate"][n]) for n in SEED_ROWS]
         lines.append(f"| {files[name]} | {report['lopt_meta_step']} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Both small grids, {steps_label(load(present[0]))} env steps, normalised final return (1 = tuned Adam's mean): IQM over 2 x 16 "
+    horizons = " / ".join(dict.fromkeys(steps_label(load(name)) for name in present))
+    lines.append(f"Both small grids, {horizons} env steps, normalised final return (1 = tuned Adam's mean): IQM over 2 x 16 "
                  "evaluation seeds [95% stratified-bootstrap interval]; every lr picked on 16 validation seeds. "
                  "Files: " + ", ".join(f"[results/{f}](results/{f})" for f in present) + ".")
     return "\n".join(lines)
@@ -229,17 +239,16 @@ def brax_table() -> str:
     for name in present:
         report = load_brax(name)
         checkpoint = checkpoint_name(report["settings"]["lopt_path"])
-        by_env.setdefault(report["env"], {}).update({n: {**r, "checkpoint": checkpoint}
-                                                    for n, r in report["optimizers"].items()})
+        by_env.setdefault(report["env"], {}).update({(n, checkpoint): r for n, r in report["optimizers"].items()})
     lines = ["| task | optimizer | learning rate | seeds | final return, IQM [95% CI] | IQM / best clipped Adam |",
              "|---|---|---|---:|---:|---:|"]
     for env, runs in by_env.items():
-        adams = [r["recomputed_iqm_ci"][0] for n, r in runs.items() if n.split("@")[0] == "adam"]
+        adams = [r["recomputed_iqm_ci"][0] for (n, _), r in runs.items() if n.split("@")[0] == "adam"]
         best = max(adams) if adams else float("nan")
-        for run_name, r in runs.items():
+        for (run_name, checkpoint), r in sorted(runs.items(), key=lambda run: run[0][0] == "adam_brax"):  # it last
             iqm, low, high = r["recomputed_iqm_ci"]
             label = {"adam": "Adam, learned optimizer's clip", "adam_brax": "Adam, Brax's setting (no clip)",
-                     "lopt": f"learned optimizer ({r['checkpoint']})"
+                     "lopt": f"learned optimizer ({checkpoint})"
                      }.get(run_name.split("@")[0], run_name.split("@")[0])
             bold = "**" if run_name == "lopt" else ""
             lines.append(f"| {env} | {label} | {tl.format_lr(r['learning_rate'])} | {len(r['final_returns'])} | "
@@ -416,6 +425,7 @@ def tables() -> dict[str, str]:
             "meta-gradient-signal": signal_table(), "brax": brax_table(),
             "meta-screens": screens_table(), "policy-only-seeds": seeds_table(SEED_FILES),
             "envs-32-seeds": seeds_table(ENVS_32_FILES), "envs-32-seeds-1e6": seeds_table(ENVS_32_1E6_FILES),
+            "aligned-screen": seeds_table(ALIGNED_FILES, column="env steps"),
             "policy-only-2000": long_runs_table()}
 
 

@@ -18,7 +18,8 @@ import table  # noqa: E402  (results/table.py)
 
 
 def test_every_listed_result_file_is_committed():
-    for name in [*table.FILES, *table.SEED_FILES, *table.ENVS_32_FILES, *table.ENVS_32_1E6_FILES]:
+    for name in [*table.FILES, *table.SEED_FILES, *table.ENVS_32_FILES, *table.ENVS_32_1E6_FILES, *table.ALIGNED_FILES,
+                 *table.BRAX_FILES]:
         assert os.path.isfile(os.path.join(table.HERE, name)), name
 
 
