@@ -827,6 +827,27 @@ def baseline_optimizer(name: str, learning_rate) -> optax.GradientTransformation
     return {"adam": optax.adam, "rmsprop": optax.rmsprop, "sign_sgd": optax.sign_sgd}[name](learning_rate)
 
 
+def any_baseline(index, learning_rate) -> optax.GradientTransformation:
+    """BASELINES[index] (index may be traced): every baseline's state is carried and lax.switch runs the chosen
+    one's update, so one compiled trainer serves all the baselines, not one program each."""
+    txs = [baseline_optimizer(name, learning_rate) for name in BASELINES]
+
+    def init(params):
+        return tuple(tx.init(params) for tx in txs)
+
+    def update(updates, state, params=None):
+        def branch(i):
+            def run(operand):
+                grads, states = operand
+                step, new_state = txs[i].update(grads, states[i], params)
+                return step, states[:i] + (new_state,) + states[i + 1:]
+            return run
+
+        return jax.lax.switch(index, [branch(i) for i in range(len(txs))], (updates, state))
+
+    return optax.GradientTransformation(init, update)
+
+
 class OutOfTime(Exception):
     """A piece of work that would end past --time-limit, not started."""
 
@@ -834,8 +855,9 @@ class OutOfTime(Exception):
 class TaskEvaluator:
     """Fresh A2C agents on one task: trains a batch of learning rates x seeds of one optimizer in one program.
 
-    Learning rates and the learned optimizer's parameters are arguments of the compiled trainer, so a sweep or
-    another set of parameters (validation during meta-training) does not compile again. Each run's time, less the
+    Learning rates, the learned optimizer's parameters and which baseline runs are arguments of the compiled
+    trainer, so a sweep, another baseline or another set of parameters (validation during meta-training) does not
+    compile again. Each run's time, less the
     compilation in it, is kept per program (run_s): --time-limit plans the rest of a run with it. With `deadline`
     set, a run that would end past it raises OutOfTime instead of starting.
     """
@@ -855,20 +877,24 @@ class TaskEvaluator:
         program, work = self._program(kind, len(lrs), len(keys))
         if self.deadline is not None:
             self.deadline.check(self.run_s.get(program), work, f"{self.name}: {kind} x {len(lrs)} lr x {len(keys)}")
-        if kind not in self._trainers:
+        trainer = "baselines" if kind in BASELINES else kind  # the baselines share one program
+        if trainer not in self._trainers:
             clip = self.config["grad_clip"]
 
             def make_tx(tx_params):
-                lr, lopt_params = tx_params
-                if kind == "lopt":
+                lr, lopt_params, baseline = tx_params
+                if trainer == "lopt":
                     return clipped_learned_optimizer(self.net, lopt_params, lr, clip,
                                                      normalize_step=self.config.get("normalize_step", False))
-                return with_grad_clip(baseline_optimizer("adam" if kind == "random" else kind, lr), clip)
+                if trainer == "random":  # its agents never update: any optimizer only sets up their state
+                    return with_grad_clip(baseline_optimizer("adam", lr), clip)
+                return with_grad_clip(any_baseline(baseline, lr), clip)
 
-            train = make_a2c_train(self.task, make_tx, self.num_updates, random_policy=kind == "random")
-            self._trainers[kind] = jax.jit(jax.vmap(jax.vmap(train, (0, None)), (None, (0, None))))
+            train = make_a2c_train(self.task, make_tx, self.num_updates, random_policy=trainer == "random")
+            self._trainers[trainer] = jax.jit(jax.vmap(jax.vmap(train, (0, None)), (None, (0, None, None))))
+        baseline = jnp.int32(BASELINES.index(kind) if kind in BASELINES else 0)
         start, compiled_before = time.time(), compile_seconds()
-        returns = final_returns(*self._trainers[kind](keys, (jnp.asarray(lrs, jnp.float32), lopt_params)))
+        returns = final_returns(*self._trainers[trainer](keys, (jnp.asarray(lrs, jnp.float32), lopt_params, baseline)))
         compile_s = compile_seconds() - compiled_before
         self.run_s[program] = max(time.time() - start - compile_s, 0.0)
         if self.deadline is not None:

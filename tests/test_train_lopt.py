@@ -257,6 +257,28 @@ def test_chunked_optimizer_matches_unchunked():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # float32 sums over coordinates, reordered
 
 
+def test_any_baseline_steps_as_the_baseline_it_names():
+    """any_baseline(i, lr), i traced inside one jitted program, takes BASELINES[i]'s steps over several updates and
+    leaves the other baselines' states untouched."""
+    params = {"w": jnp.array([0.5, -1.0, 2.0])}
+    grads = [{"w": jnp.array([g, -3 * g, 1e-3])} for g in (0.2, -0.7, 1.5)]
+
+    def steps(tx):
+        state, out = tx.init(params), []
+        for g in grads:
+            update, state = tx.update(g, state, params)
+            out.append(update["w"])
+        return jnp.stack(out), state
+
+    for i, name in enumerate(tl.BASELINES):
+        got, state = jax.jit(lambda index: steps(tl.any_baseline(index, 3e-2)))(jnp.int32(i))
+        expected, _ = steps(tl.baseline_optimizer(name, 3e-2))
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+        untouched = [s for j, s in enumerate(state) if j != i]
+        leaves_equal(untouched, [tl.baseline_optimizer(n, 3e-2).init(params) for j, n in enumerate(tl.BASELINES)
+                                 if j != i])
+
+
 def test_with_grad_clip_clips_elementwise():
     """with_grad_clip clips each gradient coordinate before the optimizer (LinearOptim at init = SGD)."""
     net = LinearOptim(hidden_size=8)
