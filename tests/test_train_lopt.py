@@ -222,9 +222,10 @@ def test_coordinate_gru_matches_flax_gru():
         new_h = jax.vmap(lambda h, x: cell.apply(params, h, x)[0])(h, x)
         return jnp.sum(jnp.sin(3.0 * new_h))
 
-    np.testing.assert_allclose(loss(ours, params, h, x), loss(ref, params, h, x), rtol=1e-5)
-    grads_ours = jax.grad(partial(loss, ours), argnums=(0, 1, 2))(params, h, x)
-    grads_ref = jax.grad(partial(loss, ref), argnums=(0, 1, 2))(params, h, x)
+    np.testing.assert_allclose(jax.jit(partial(loss, ours))(params, h, x), jax.jit(partial(loss, ref))(params, h, x),
+                               rtol=1e-5)
+    grads_ours = jax.jit(jax.grad(partial(loss, ours), argnums=(0, 1, 2)))(params, h, x)
+    grads_ref = jax.jit(jax.grad(partial(loss, ref), argnums=(0, 1, 2)))(params, h, x)
     assert jax.tree.structure(grads_ours) == jax.tree.structure(grads_ref)
     for a, b in zip(jax.tree.leaves(grads_ours), jax.tree.leaves(grads_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # float32 sums in another order
@@ -247,7 +248,7 @@ def test_chunked_optimizer_matches_unchunked():
                 updates, state = tx.update(grads, state)
                 total += sum(jnp.sum(u**2) for u in jax.tree.leaves(updates))
             return total, state
-        return jax.value_and_grad(loss, has_aux=True)(lopt_params)
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(lopt_params)  # one program, not op by op
 
     (loss_all, state_all), grad_all = run(None)
     (loss_chunked, state_chunked), grad_chunked = run(3)  # 10 coordinates: chunks of 3, 3, 3 and 1
