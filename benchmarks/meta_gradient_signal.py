@@ -12,8 +12,9 @@ on. If per-agent gradients are a mean mu plus independent noise of total varianc
 halves of m agents is about 1 / (1 + r / m), r = s2 / |mu|^2: `agents_for` reads r off the largest population
 and says how many agents per task a meta-step would need for a given cosine.
 
-Each objective is a set of train_lopt.py flags: the default (policy term in TD units), the paper's A2C loss, and
-the default with the evaluation's batch per agent (8x the default's).
+Each objective is a set of train_lopt.py flags on top of its defaults with 4 envs per agent (its default batch
+before 2026-12-03): the default meta-loss (policy term in TD units), the paper's A2C loss, and the default with
+the evaluation's batch per agent (32 envs, 8x as many: train_lopt's default since).
 Whether the direction the population agrees on points uphill is a separate question (an ES estimate of the
 return's gradient; not measured here).
 """
@@ -38,7 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_lopt as tl  # noqa: E402
 from common import GRIDWORLDS, UserError, atomic_write, check_args, check_choices, recorded, run_cli  # noqa: E402
 
-OBJECTIVES = {  # name -> train_lopt.Args fields that differ from its defaults
+SMALL_BATCH = 4  # envs per agent of the objectives but eval_batch
+OBJECTIVES = {  # name -> train_lopt.Args fields that differ from its defaults (with SMALL_BATCH envs per agent)
     "default": {},
     "paper": dict(meta_value_coef=0.5, meta_loss_scale="raw"),
     "eval_batch": dict(num_envs=32),  # the default with the evaluation's batch: 32 envs x 20 steps per update
@@ -126,7 +128,8 @@ def make_per_agent(args: tl.Args, task: tl.Task, net):
 
 
 def measure(args: Args, objective: str, base: tl.Args, log=print) -> dict:
-    """The objective's split-half cosines; base: train_lopt's settings for agents and optimizer (its defaults)."""
+    """The objective's split-half cosines; base: train_lopt's settings for agents and optimizer (from main: its
+    defaults with SMALL_BATCH envs per agent)."""
     agent_args = dataclasses.replace(base, **OBJECTIVES[objective], num_agents=args.num_agents, seed=args.seed)
     if args.lopt_path:  # its own network and step settings
         checkpoint = tl.read_optimizer_checkpoint(args.lopt_path)
@@ -187,7 +190,7 @@ def main(args: Args, base: tl.Args | None = None) -> None:
         tl.read_optimizer_checkpoint(args.lopt_path)  # a missing or foreign file: its one-line error, now
     results = {}
     for name in args.objectives:
-        results[name] = measure(args, name, base or tl.Args())
+        results[name] = measure(args, name, base or dataclasses.replace(tl.Args(), num_envs=SMALL_BATCH))
         cells = ", ".join(f"{n}: {c['mean']:.3f}" for n, c in results[name]["split_half_cosine"].items())
         print(f"{name}: split-half cosine by agents per task {cells}; agents per task for 0.5 / 0.9: "
               + " / ".join("none" if v is None else f"{v:.0f}"

@@ -109,8 +109,9 @@ HEADROOM_LABELS = {"schedule": "decaying lr (lr, tau picked once for both horizo
 SIGNAL_FILES = {"meta_gradient_signal.json": "",
                 "meta_gradient_signal_eval_batch.json": "--objectives eval_batch --num-agents 16 --sizes 4 8 16 "
                                                         "--out results/meta_gradient_signal_eval_batch.json"}
-SIGNAL_LABELS = {"default": "default (policy term in TD units)", "paper": "the paper's A2C loss",
-                 "eval_batch": "default, the evaluation's batch (32 envs per agent)"}
+SIGNAL_LABELS = {"default": "policy term in TD units, 4 envs per agent",
+                 "paper": "the paper's A2C loss, 4 envs per agent",
+                 "eval_batch": "policy term in TD units, the evaluation's 32 envs per agent (the default)"}
 TABLES = {  # table name -> result files, in row order
     "gridworld": ["gridworld_shipped_1e5.json", "gridworld_shipped_1e6.json"],
     "gridworld-previous": ["gridworld_previous_1e5.json", "gridworld_previous_1e6.json"],

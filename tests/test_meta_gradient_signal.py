@@ -45,18 +45,19 @@ def test_split_half_cosine_is_one_for_agreement_zero_for_noise_and_follows_signa
 def test_per_agent_meta_gradients_average_to_the_meta_steps():
     """The mean of the per-agent meta-gradients is train_lopt's population meta-gradient for the same agents,
     keys and meta-step (a reset step included), and the population moves on the same way."""
-    args = dataclasses.replace(BASE, num_agents=4)
+    args = dataclasses.replace(BASE, num_agents=4)  # the tiny run's agents: its programs come from the disk cache
     meta = tl.make_meta_train(args, ("catch",))
-    state = meta.init(jax.random.PRNGKey(0))
-    task, population, key = meta.tasks[0], state.populations[0], jax.random.PRNGKey(3)
-    _, forward, with_grads = mgs.make_per_agent(args, task, meta.net)
+    task, key = meta.tasks[0], jax.random.PRNGKey(3)
+    init, forward, with_grads = mgs.make_per_agent(args, task, meta.net)
+    lopt_params = tl.initial_lopt_params(args)
+    population = init(lopt_params, jax.random.PRNGKey(0))
     population_meta_grad = jax.jit(lambda *inputs: meta.population_meta_grad(*inputs[:1], task, *inputs[1:]))
-    (_, (expected_population, *_)), expected = population_meta_grad(state.lopt_params, population, key, 1)
-    grads, moved = with_grads(state.lopt_params, population, key, 1)
+    (_, (expected_population, *_)), expected = population_meta_grad(lopt_params, population, key, 1)
+    grads, moved = with_grads(lopt_params, population, key, 1)
     np.testing.assert_allclose(np.asarray(grads).mean(0), ravel_pytree(expected)[0], rtol=2e-4, atol=1e-7)
     for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(expected_population)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(forward(state.lopt_params, population, key, 1)), jax.tree.leaves(moved)):
+    for a, b in zip(jax.tree.leaves(forward(lopt_params, population, key, 1)), jax.tree.leaves(moved)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
