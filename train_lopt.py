@@ -857,8 +857,8 @@ class TaskEvaluator:
 
     Learning rates, the learned optimizer's parameters and which baseline runs are arguments of the compiled
     trainer, so a sweep, another baseline or another set of parameters (validation during meta-training) does not
-    compile again. Each run's time, less the
-    compilation in it, is kept per program (run_s): --time-limit plans the rest of a run with it. With `deadline`
+    compile again. Each run's time, less the compilation in it, is kept per program (run_s): --time-limit plans the
+    rest of a run with it. With `deadline`
     set, a run that would end past it raises OutOfTime instead of starting.
     """
 
@@ -877,7 +877,7 @@ class TaskEvaluator:
         program, work = self._program(kind, len(lrs), len(keys))
         if self.deadline is not None:
             self.deadline.check(self.run_s.get(program), work, f"{self.name}: {kind} x {len(lrs)} lr x {len(keys)}")
-        trainer = "baselines" if kind in BASELINES else kind  # the baselines share one program
+        trainer = program[0]
         if trainer not in self._trainers:
             clip = self.config["grad_clip"]
 
@@ -902,7 +902,8 @@ class TaskEvaluator:
         return returns
 
     def _program(self, kind: str, num_lrs: int, num_seeds: int) -> tuple[tuple, int]:
-        return (kind, num_lrs, num_seeds), num_lrs * num_seeds * self.num_updates
+        trainer = "baselines" if kind in BASELINES else kind  # the baselines share one program
+        return (trainer, num_lrs, num_seeds), num_lrs * num_seeds * self.num_updates
 
     def expected_s(self, kind: str, num_lrs: int, num_seeds: int, deadline: "Deadline") -> float:
         """How long a run of `kind` would take: its last run's time, or the deadline's estimate for a new program."""

@@ -209,12 +209,12 @@ def seeds_table(files: dict[str, int | str], column: str = "meta-seed") -> str:
     labels = {**ROWS, "lopt_init": "its meta-step-0 self (sign-SGD), same lr"}
     lines = [f"| {column} | kept at meta-step | " + " | ".join(labels[n] for n in SEED_ROWS) + " |",
              "|---:|---:|" + "---:|" * len(SEED_ROWS)]
-    for name in present:
-        report = load(name)
+    reports = {name: load(name) for name in present}
+    for name, report in reports.items():
         cells = [cell(report["summary"]["aggregate"][n]) for n in SEED_ROWS]
         lines.append(f"| {files[name]} | {report['lopt_meta_step']} | " + " | ".join(cells) + " |")
     lines.append("")
-    horizons = " / ".join(dict.fromkeys(steps_label(load(name)) for name in present))
+    horizons = " / ".join(dict.fromkeys(steps_label(report) for report in reports.values()))
     lines.append(f"Both small grids, {horizons} env steps, normalised final return (1 = tuned Adam's mean): IQM over 2 x 16 "
                  "evaluation seeds [95% stratified-bootstrap interval]; every lr picked on 16 validation seeds. "
                  "Files: " + ", ".join(f"[results/{f}](results/{f})" for f in present) + ".")
@@ -246,7 +246,8 @@ def brax_table() -> str:
     for env, runs in by_env.items():
         adams = [r["recomputed_iqm_ci"][0] for (n, _), r in runs.items() if n.split("@")[0] == "adam"]
         best = max(adams) if adams else float("nan")
-        for (run_name, checkpoint), r in sorted(runs.items(), key=lambda run: run[0][0] == "adam_brax"):  # it last
+        # rows in file order, Brax's own Adam setting last (sorted is stable)
+        for (run_name, checkpoint), r in sorted(runs.items(), key=lambda run: run[0][0] == "adam_brax"):
             iqm, low, high = r["recomputed_iqm_ci"]
             label = {"adam": "Adam, learned optimizer's clip", "adam_brax": "Adam, Brax's setting (no clip)",
                      "lopt": f"learned optimizer ({checkpoint})"

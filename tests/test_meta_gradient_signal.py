@@ -45,7 +45,7 @@ def test_split_half_cosine_is_one_for_agreement_zero_for_noise_and_follows_signa
 def test_per_agent_meta_gradients_average_to_the_meta_steps():
     """The mean of the per-agent meta-gradients is train_lopt's population meta-gradient for the same agents,
     keys and meta-step (a reset step included), and the population moves on the same way."""
-    args = dataclasses.replace(BASE, num_agents=4)  # the tiny run's agents: its programs come from the disk cache
+    args = dataclasses.replace(BASE, num_agents=4)  # the tiny run's agents, so it reads these programs from disk
     meta = tl.make_meta_train(args, ("catch",))
     task, key = meta.tasks[0], jax.random.PRNGKey(3)
     init, forward, with_grads = mgs.make_per_agent(args, task, meta.net)

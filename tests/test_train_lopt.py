@@ -1291,7 +1291,7 @@ def test_evaluation_runs_inside_a_deadline_raise_before_starting(tmp_path):
     deadline = tl.Deadline(1e9, tl.time.time())
     with evaluators.guarded(deadline):
         evaluator.returns("adam", keys, [1e-3])
-    assert 0 < evaluator.run_s[("adam", 1, 2)] and deadline.s_per_work > 0
+    assert 0 < evaluator.run_s[("baselines", 1, 2)] and deadline.s_per_work > 0
     deadline.limit = tl.time.time() - deadline.start  # no time left
     with evaluators.guarded(deadline), pytest.raises(tl.OutOfTime, match="catch: adam"):
         evaluator.returns("adam", keys, [1e-3])
