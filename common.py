@@ -446,3 +446,34 @@ def iqm_interval(per_task: list[np.ndarray], samples: int = BOOTSTRAP_SAMPLES, s
     resampled = np.concatenate([x[rng.integers(0, x.size, (samples, x.size))] for x in per_task], axis=1)
     low, high = np.percentile(iqm(resampled, axis=1), [2.5, 97.5])
     return (float(iqm(np.concatenate(per_task))), float(low), float(high))
+
+
+# Learning-rate tuning, shared by train_lopt.py (gridworlds) and eval_brax.py (Brax): the best lr on selection seeds.
+MAX_GRID_EXTENSIONS = 2  # per side
+
+
+def selection_score(returns: np.ndarray) -> float:
+    """Mean final return over the selection seeds; agents that produced no finished episode count as -inf."""
+    return float(np.mean(returns)) if np.all(np.isfinite(returns)) else -math.inf
+
+
+def round_lr(lr: float) -> float:
+    return float(f"{lr:.3g}")  # 9e-3, not 0.009000000000000001: learning rates are keys of the cache and the report
+
+
+def tune_learning_rate(returns_for, grid) -> tuple[float, dict]:
+    """(best lr, {lr: per-seed returns}) by mean return on the selection seeds; returns_for(lrs) -> {lr: returns}.
+
+    Where the best is at an edge of the grid, the grid is extended on that side by its own ratio (at most
+    MAX_GRID_EXTENSIONS times), so the optimum is bracketed rather than clipped.
+    """
+    grid = sorted(float(lr) for lr in grid)
+    results, extended = returns_for(grid), {"up": 0, "down": 0}
+    while True:
+        lrs = sorted(results)
+        best = max(lrs, key=lambda lr: selection_score(results[lr]))
+        side = "up" if best == lrs[-1] else "down" if best == lrs[0] else None
+        if side is None or extended[side] == MAX_GRID_EXTENSIONS:
+            return best, results
+        extended[side] += 1
+        results.update(returns_for([round_lr(best * (grid[-1] / grid[-2] if side == "up" else grid[0] / grid[1]))]))

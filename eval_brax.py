@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -37,17 +38,21 @@ from brax.training.agents.ppo import networks as brax_ppo_networks
 
 from common import (
     PRETRAINED_OPTIMIZER,
+    REPOSITORY,
     UserError,
     atomic_write,
     check_args,
+    check_choices,
     check_writable_dir,
     format_duration,
     iqm_interval,
     recorded,
+    round_lr,
     run_cli,
+    tune_learning_rate,
 )
 
-OptimizerName = Literal["adam", "adam_brax", "rmsprop", "sgd", "lopt"]
+OptimizerName = Literal["adam", "adam_brax", "rmsprop", "sgd", "sign_sgd", "lopt"]
 
 
 @dataclass
@@ -60,9 +65,9 @@ class Args:
     preset: Literal["cpu", "paper"] = "cpu"
     """'cpu': Brax's PPO settings scaled to a few CPU cores; 'paper': Brax's published settings and budget"""
     optimizers: tuple[OptimizerName, ...] = ("adam", "lopt")
-    """optimizers to compare, trained one after another with the same PPO settings and seeds: adam, rmsprop, sgd and
-    lopt get the same element-wise --grad-clip; adam_brax is Adam as Brax's trainer sets it (no element-wise clip,
-    optional --max-grad-norm)"""
+    """optimizers to compare, trained one after another with the same PPO settings and seeds: adam, rmsprop, sgd,
+    sign_sgd (the learned optimizer's meta-step-0 self) and lopt get the same element-wise --grad-clip; adam_brax is
+    Adam as Brax's trainer sets it (no element-wise clip, optional --max-grad-norm)"""
     lopt_path: str = PRETRAINED_OPTIMIZER
     """learned-optimizer checkpoint (optimizer.msgpack from train_lopt.py); default: the one shipped in checkpoints/"""
     lopt_lr: float = 3e-4
@@ -71,7 +76,8 @@ class Args:
     """element-wise gradient clip before every optimizer but adam_brax (the paper clips the learned optimizer's input
     at 1; the same clip for Adam keeps the comparison symmetric); 0: no clip"""
     learning_rates: tuple[float, ...] = (3e-4,)
-    """learning rates of adam, adam_brax, rmsprop and sgd: each is run at every one (a sweep: 1e-3 3e-4 1e-4)"""
+    """learning rates of adam, adam_brax, rmsprop, sgd and sign_sgd: each is run at every one (a sweep: 1e-3 3e-4
+    1e-4)"""
     max_grad_norm: float | None = None
     """adam_brax only: clip gradients to this global norm (Brax's trainer: no clipping by default)"""
     total_timesteps: int = 300_000
@@ -103,6 +109,16 @@ class Args:
     out_dir: str = "runs"
     run_name: str | None = None
     """default: brax_<env>_<backend>_s<seed>"""
+    protocol: bool = False
+    """run the tuned protocol on --protocol-tasks instead of one comparison (each task with its preset): adam,
+    sign_sgd and lopt each at the lr it scores best with on --selection-seeds seeds, reported with adam_brax and lopt
+    at the paper's 3e-4 on --num-seeds other seeds; every run is saved under --results-dir, where a rerun finds it"""
+    protocol_tasks: tuple[str, ...] = ("inverted_double_pendulum", "hopper", "reacher", "ant")
+    """--protocol only: the tasks, run in this order (ant on the spring backend, the others positional)"""
+    selection_seeds: int = 4
+    """--protocol only: seeds that pick each optimizer's lr, apart from the --num-seeds seeds reported"""
+    results_dir: str = os.path.join(REPOSITORY, "results", "brax")
+    """--protocol only: one folder per task of per-run files (the committed evidence; a rerun resumes from them)"""
 
 
 # Brax's PPO settings, from its training notebook. "cpu" scales them to a few CPU cores:
@@ -329,28 +345,34 @@ def make_train(args: Args, env: envs.Env, optimizer: optax.GradientTransformatio
 # ================================================================================================
 
 
+def make_optimizer(args: Args, name: str, lr: float) -> optax.GradientTransformation:
+    """One optimizer at one learning rate: the learned one is load_optimizer(--lopt-path) with lr multiplying its
+    output, as in the paper; every one but adam_brax behind the element-wise --grad-clip."""
+    if name == "lopt":
+        from train_lopt import load_optimizer  # noqa: PLC0415 (imported only when a learned optimizer is used)
+
+        try:
+            return load_optimizer(args.lopt_path, lr, args.grad_clip or None)
+        except UserError as error:  # the message names the file; say which flag gave it
+            raise UserError(f"--lopt-path: {error}") from None
+    if name == "adam_brax":
+        clip = optax.clip_by_global_norm(args.max_grad_norm) if args.max_grad_norm else None
+        tx = optax.adam(lr)
+    else:
+        clip = optax.clip(args.grad_clip) if args.grad_clip else None
+        tx = {"adam": optax.adam, "rmsprop": optax.rmsprop, "sgd": optax.sgd, "sign_sgd": optax.sign_sgd}[name](lr)
+    return optax.chain(clip, tx) if clip else tx
+
+
 def make_optimizers(args: Args) -> dict[str, tuple[float, optax.GradientTransformation]]:
     """{run name: (learning rate, optimizer)}: each hand-designed optimizer at every --learning-rates value (named
     adam@3e-04 etc. when there are several), the learned optimizer at --lopt-lr as in the paper."""
     runs = {}
     for name in args.optimizers:
-        if name == "lopt":
-            from train_lopt import load_optimizer  # noqa: PLC0415 (imported only when a learned optimizer is used)
-
-            try:
-                runs[name] = (args.lopt_lr, load_optimizer(args.lopt_path, args.lopt_lr, args.grad_clip or None))
-            except UserError as error:  # the message names the file; say which flag gave it
-                raise UserError(f"--lopt-path: {error}") from None
-            continue
-        for lr in args.learning_rates:
-            label = name if len(args.learning_rates) == 1 else f"{name}@{lr:.0e}"
-            if name == "adam_brax":
-                tx = optax.adam(lr)
-                clip = optax.clip_by_global_norm(args.max_grad_norm) if args.max_grad_norm else None
-            else:
-                tx = {"adam": optax.adam, "rmsprop": optax.rmsprop, "sgd": optax.sgd}[name](lr)
-                clip = optax.clip(args.grad_clip) if args.grad_clip else None
-            runs[label] = (lr, optax.chain(clip, tx) if clip else tx)
+        lrs = [args.lopt_lr] if name == "lopt" else args.learning_rates
+        for lr in lrs:
+            label = name if len(lrs) == 1 else f"{name}@{lr:.0e}"
+            runs[label] = (lr, make_optimizer(args, name, lr))
     return runs
 
 
@@ -446,6 +468,115 @@ def format_summary_table(summary: dict) -> str:
 
 
 # ================================================================================================
+# The tuned protocol: each optimizer's lr picked on selection seeds, reported on other seeds
+# ================================================================================================
+
+PROTOCOL_BACKENDS = {"inverted_double_pendulum": "positional", "hopper": "positional", "reacher": "positional",
+                     "ant": "spring"}  # the CPU-practical tasks (docs/reference_figures.md)
+PROTOCOL_TUNED = ("adam", "sign_sgd", "lopt")  # each at its best lr on the selection seeds
+PROTOCOL_LR_GRID = (1e-4, 3e-4, 1e-3)  # around the paper's 3e-4; extended where the best is at an edge
+PAPER_LR = 3e-4  # the learned optimizer's lr in the paper, and Brax's Adam lr
+# Fields that do not change what a run computes; every other one is part of a saved run's fingerprint.
+NOT_FINGERPRINTED = ("optimizers", "learning_rates", "lopt_lr", "lopt_path", "num_seeds", "out_dir", "run_name",
+                     "protocol", "protocol_tasks", "selection_seeds", "results_dir")
+
+
+def protocol_keys(args: Args) -> dict[str, jax.Array]:
+    """The reported seeds are a plain run's (--seed split --num-seeds ways); the selection seeds come from another
+    stream of --seed, so no lr is picked on a seed it is reported on."""
+    root = jax.random.PRNGKey(args.seed)
+    return {"selection": jax.random.split(jax.random.fold_in(root, 1), args.selection_seeds),
+            "reported": jax.random.split(root, args.num_seeds)}
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def run_fingerprint(args: Args, name: str, lr: float, seeds: str, num_seeds: int) -> dict:
+    """What a saved run must match to be reused: the PPO settings, optimizer, lr, seeds and, for the learned
+    optimizer, the checkpoint's contents (not its path)."""
+    settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in NOT_FINGERPRINTED}
+    fingerprint = {"optimizer": name, "learning_rate": lr, "seeds": seeds, "num_seeds": num_seeds, "settings": settings}
+    if name == "lopt":
+        fingerprint["lopt_sha256"] = file_sha256(args.lopt_path)
+    return fingerprint
+
+
+def same_fingerprint(saved: dict, current: dict) -> bool:
+    """A field added to Args after a run was saved counts at its default there: new flags keep old evidence."""
+    defaults = {k: v for k, v in dataclasses.asdict(Args()).items() if k not in NOT_FINGERPRINTED}
+    return {**saved, "settings": {**defaults, **saved.get("settings", {})}} == current
+
+
+def protocol_run(args: Args, env: envs.Env, keys: dict, name: str, lr: float, seeds: str) -> dict:
+    """One optimizer at one lr on the selection or reported seeds: loaded from --results-dir/<task>/ if a run with
+    the same fingerprint is there, else trained and saved (atomically, so a killed protocol resumes from it)."""
+    path = os.path.join(args.results_dir, args.env, f"{name}@{lr:.2e}_{seeds}.json")
+    fingerprint = run_fingerprint(args, name, lr, seeds, len(keys[seeds]))
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if same_fingerprint(saved.get("fingerprint", {}), fingerprint):
+            print(f"[{args.env}] {name} at lr {lr:.2e}, {seeds} seeds: saved in {recorded(path)}", flush=True)
+            return saved
+    returns, summary = run_optimizer(f"{args.env} {name}@{lr:.2e} {seeds}", args, env, make_optimizer(args, name, lr),
+                                     keys[seeds])
+    saved = {"task": args.env, "backend": args.backend, "fingerprint": fingerprint,
+             "lopt_path": recorded(args.lopt_path) if name == "lopt" else None,
+             "env_steps": eval_schedule(args)[1].tolist(),
+             "returns": returns.T.tolist(),  # [seed][evaluation]: evaluation 0 is before any update
+             **summary}
+    atomic_write(path, lambda f: f.write(json.dumps(saved, indent=1).encode()))
+    return saved
+
+
+def run_protocol_task(args: Args, command: str) -> dict:
+    """The tuned protocol on one task; writes --results-dir/<task>/protocol.json (the picks and the reported runs)
+    once every run it names is saved."""
+    os.makedirs(os.path.join(args.results_dir, args.env), exist_ok=True)
+    env = envs.get_environment(args.env, backend=args.backend)
+    keys = protocol_keys(args)
+    print(f"== {args.env} ({args.backend}): {args.total_timesteps:,} env steps per seed; lr picked on "
+          f"{args.selection_seeds} selection seeds, reported on {args.num_seeds} others", flush=True)
+    picked, selection = {}, {}
+    for name in PROTOCOL_TUNED:
+        def final_returns(lrs, name=name):
+            return {lr: np.array(protocol_run(args, env, keys, name, lr, "selection")["final_returns"]) for lr in lrs}
+
+        picked[name], sweep = tune_learning_rate(final_returns, PROTOCOL_LR_GRID)
+        selection[name] = {f"{lr:.2e}": float(np.mean(r)) for lr, r in sorted(sweep.items())}
+    runs = {name: (name, picked[name]) for name in PROTOCOL_TUNED}
+    runs.update(lopt_paper_lr=("lopt", PAPER_LR), adam_brax=("adam_brax", PAPER_LR))
+    reported = {label: protocol_run(args, env, keys, name, lr, "reported") for label, (name, lr) in runs.items()}
+    protocol = {"task": args.env, "backend": args.backend, "env_steps_per_seed": int(eval_schedule(args)[1][-1]),
+                "selection_seeds": args.selection_seeds, "num_seeds": args.num_seeds, "picked_lr": picked,
+                "selection_mean_final_return": selection,
+                "reported": {label: f"{name}@{lr:.2e}_reported.json" for label, (name, lr) in runs.items()},
+                "lopt_path": recorded(args.lopt_path), "lopt_sha256": file_sha256(args.lopt_path),
+                "command": recorded(command)}
+    atomic_write(os.path.join(args.results_dir, args.env, "protocol.json"),
+                 lambda f: f.write(json.dumps(protocol, indent=1).encode()))
+    print(f"{args.env}: final return, IQM [95% CI] over {args.num_seeds} seeds (lr picked on the selection seeds)")
+    for label, run in reported.items():
+        iqm, low, high = iqm_interval([run["final_returns"]])
+        print(f"  {label:<14} lr {runs[label][1]:.2e}  {iqm:9.1f} [{low:.1f}, {high:.1f}]")
+    return protocol
+
+
+def run_protocol(task_args: list[Args], command: str) -> None:
+    """Every task's protocol, one after another; what is saved already is reused, so a rerun resumes."""
+    start = time.time()
+    for args in task_args:
+        check_settings(args)
+    make_optimizer(task_args[0], "lopt", PAPER_LR)  # a bad checkpoint is reported before anything runs
+    for args in task_args:
+        run_protocol_task(args, command)
+    print(f"protocol done in {format_duration(time.time() - start)}: python results/table.py --write renders it")
+
+
+# ================================================================================================
 # Main
 # ================================================================================================
 
@@ -453,7 +584,7 @@ def format_summary_table(summary: dict) -> str:
 def run_optimizer(name: str, args: Args, env: envs.Env, optimizer, keys) -> tuple[np.ndarray, dict]:
     """Compile and run one optimizer's PPO runs; returns eval returns [evaluations, num_seeds] and timings."""
     env_steps_at_eval = eval_schedule(args)[1]
-    progress = ProgressPrinter(name, env_steps_at_eval, args.num_seeds)
+    progress = ProgressPrinter(name, env_steps_at_eval, len(keys))
     train = make_train(args, env, optimizer, on_eval=progress, on_trained=progress.trained)
     start = time.time()
     compiled = jax.jit(train).lower(keys).compile()
@@ -464,7 +595,7 @@ def run_optimizer(name: str, args: Args, env: envs.Env, optimizer, keys) -> tupl
     end = time.time()
     # Throughput from the first evaluation on: that excludes compilation and the environments' first reset.
     # None (null in summary.json) where no time was measured.
-    timed_steps = args.num_seeds * int(env_steps_at_eval[-1])
+    timed_steps = len(keys) * int(env_steps_at_eval[-1])
     final = returns[-1]
     return returns, {
         "final_return_mean": float(final.mean()),
@@ -511,8 +642,9 @@ def main(args: Args) -> None:
     print(f"wrote {folder}/returns.csv, returns.png, summary.json")
 
 
-def parse_args(argv: list[str] | None = None) -> Args:
-    """The preset for (--preset, --env) sets defaults; flags given on the command line override them."""
+def parse_args(argv: list[str] | None = None, env: str | None = None) -> Args:
+    """The preset for (--preset, --env) sets defaults; flags given on the command line override them. With env
+    (a --protocol task), that task and its backend take --env's place."""
     argv = sys.argv[1:] if argv is None else argv
     chosen = {"--preset": "cpu", "--env": Args.env}
     for i, a in enumerate(argv):
@@ -521,8 +653,27 @@ def parse_args(argv: list[str] | None = None) -> Args:
                 chosen[flag] = argv[i + 1]
             elif a.startswith(flag + "="):
                 chosen[flag] = a.split("=", 1)[1]
-    defaults = Args(**PRESETS.get(chosen["--preset"], {}).get(chosen["--env"], {}))  # bad names: reported later
+    task = {} if env is None else dict(env=env, backend=PROTOCOL_BACKENDS[env])
+    chosen["--env"] = env or chosen["--env"]
+    defaults = Args(**PRESETS.get(chosen["--preset"], {}).get(chosen["--env"], {}), **task)  # bad names: later
     return tyro.cli(Args, args=argv, default=defaults, description=__doc__.split("\n")[0])
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """One comparison (main), or with --protocol the tuned protocol on each task, each with its own preset."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if not args.protocol:
+        return main(args)
+    if any(a == "--env" or a.startswith("--env=") for a in argv):
+        raise UserError("--env: not with --protocol; choose tasks with --protocol-tasks")
+    check_choices("--protocol-tasks", args.protocol_tasks, PROTOCOL_BACKENDS)
+    if not args.protocol_tasks or len(set(args.protocol_tasks)) != len(args.protocol_tasks):
+        raise UserError(f"--protocol-tasks: give each of {', '.join(PROTOCOL_BACKENDS)} at most once")
+    check_args(args, positive=("selection_seeds",))
+    check_writable_dir(args.results_dir, "--results-dir")
+    run_protocol([parse_args(argv, env=task) for task in args.protocol_tasks],
+                 "python eval_brax.py " + " ".join(argv))
 
 
 def check_settings(args: Args) -> None:
@@ -530,7 +681,7 @@ def check_settings(args: Args) -> None:
     if args.env not in envs._envs:  # Brax's registry
         raise UserError(f"unknown --env {args.env!r}; Brax environments: {', '.join(sorted(envs._envs))}")
     if not args.optimizers:
-        raise UserError("--optimizers: give at least one of adam, rmsprop, sgd, lopt")
+        raise UserError("--optimizers: give at least one of adam, adam_brax, rmsprop, sgd, sign_sgd, lopt")
     if len(set(args.optimizers)) != len(args.optimizers):
         raise UserError(f"--optimizers lists a name twice: {' '.join(args.optimizers)}")
     check_args(args, positive=("total_timesteps", "num_seeds", "num_envs", "batch_size", "num_minibatches",
@@ -555,4 +706,4 @@ def check_settings(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(parse_args()))
+    run_cli(cli)

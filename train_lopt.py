@@ -59,10 +59,14 @@ from common import (
     load_arrays,
     load_msgpack,
     make_env,
+    MAX_GRID_EXTENSIONS,
     recorded,
+    round_lr,
     run_cli,
     save_arrays,
     save_msgpack,
+    selection_score,
+    tune_learning_rate,
 )
 
 EnvGroup = Literal[tuple(ENV_GROUPS)]  # "gridworld", any single gridworld name, or "catch"
@@ -775,7 +779,6 @@ def env_steps_per_meta_step(args: Args) -> int:
 # The official implementation's per-task learning-rate grid for Adam and RMSProp; extended where the best is at an edge.
 LR_GRID = (3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
 LOPT_LR_FACTORS = (1 / 3, 1.0, 3.0)  # the learned optimizer's own sweep, around its meta-trained lr
-MAX_GRID_EXTENSIONS = 2  # per side
 BASELINES = ("adam", "rmsprop", "sign_sgd")  # sign-SGD: what Optim4RL is at meta-step 0, given its own tuned lr
 EVAL_NAMES = ("lopt", "lopt_tuned", "lopt_init", "sign_sgd", "adam", "rmsprop", "random")
 FINAL_FRACTION = 0.1  # "final return": mean return of the episodes that end in the last 10% of training
@@ -941,33 +944,6 @@ class Evaluators:
         self.deadline = deadline
         for evaluator in self._made.values():
             evaluator.deadline = deadline
-
-
-def selection_score(returns: np.ndarray) -> float:
-    """Mean final return over the selection seeds; agents that produced no finished episode count as -inf."""
-    return float(np.mean(returns)) if np.all(np.isfinite(returns)) else -math.inf
-
-
-def round_lr(lr: float) -> float:
-    return float(f"{lr:.3g}")  # 9e-3, not 0.009000000000000001: learning rates are keys of the cache and the report
-
-
-def tune_learning_rate(returns_for, grid) -> tuple[float, dict]:
-    """(best lr, {lr: per-seed returns}) by mean return on the selection seeds; returns_for(lrs) -> {lr: returns}.
-
-    Where the best is at an edge of the grid, the grid is extended on that side by its own ratio (at most
-    MAX_GRID_EXTENSIONS times), so the optimum is bracketed rather than clipped.
-    """
-    grid = sorted(float(lr) for lr in grid)
-    results, extended = returns_for(grid), {"up": 0, "down": 0}
-    while True:
-        lrs = sorted(results)
-        best = max(lrs, key=lambda lr: selection_score(results[lr]))
-        side = "up" if best == lrs[-1] else "down" if best == lrs[0] else None
-        if side is None or extended[side] == MAX_GRID_EXTENSIONS:
-            return best, results
-        extended[side] += 1
-        results.update(returns_for([round_lr(best * (grid[-1] / grid[-2] if side == "up" else grid[0] / grid[1]))]))
 
 
 def evaluate_baselines(args: Args, evaluator: TaskEvaluator, init_params, cache: BaselineCache) -> dict:
