@@ -112,7 +112,8 @@ class Args:
     protocol: bool = False
     """run the tuned protocol on --protocol-tasks instead of one comparison (each task with its preset): adam,
     sign_sgd and lopt each at the lr it scores best with on --selection-seeds seeds, reported with adam_brax and lopt
-    at the paper's 3e-4 on --num-seeds other seeds; every run is saved under --results-dir, where a rerun finds it"""
+    at the paper's 3e-4 on --num-seeds (default 8 here) other seeds; every run is saved under --results-dir, where
+    a rerun finds it"""
     protocol_tasks: tuple[str, ...] = ("inverted_double_pendulum", "hopper", "reacher", "ant")
     """--protocol only: the tasks, run in this order (ant on the spring backend, the others positional)"""
     selection_seeds: int = 4
@@ -476,6 +477,7 @@ PROTOCOL_BACKENDS = {"inverted_double_pendulum": "positional", "hopper": "positi
 PROTOCOL_TUNED = ("adam", "sign_sgd", "lopt")  # each at its best lr on the selection seeds
 PROTOCOL_LR_GRID = (1e-4, 3e-4, 1e-3)  # around the paper's 3e-4; extended where the best is at an edge
 PAPER_LR = 3e-4  # the learned optimizer's lr in the paper, and Brax's Adam lr
+PROTOCOL_SEEDS = 8  # reported seeds per run unless --num-seeds says otherwise (a claim needs 8 or more)
 # Fields that do not change what a run computes; every other one is part of a saved run's fingerprint.
 NOT_FINGERPRINTED = ("optimizers", "learning_rates", "lopt_lr", "lopt_path", "num_seeds", "out_dir", "run_name",
                      "protocol", "protocol_tasks", "selection_seeds", "results_dir")
@@ -653,7 +655,7 @@ def parse_args(argv: list[str] | None = None, env: str | None = None) -> Args:
                 chosen[flag] = argv[i + 1]
             elif a.startswith(flag + "="):
                 chosen[flag] = a.split("=", 1)[1]
-    task = {} if env is None else dict(env=env, backend=PROTOCOL_BACKENDS[env])
+    task = {} if env is None else dict(env=env, backend=PROTOCOL_BACKENDS[env], num_seeds=PROTOCOL_SEEDS)
     chosen["--env"] = env or chosen["--env"]
     defaults = Args(**PRESETS.get(chosen["--preset"], {}).get(chosen["--env"], {}), **task)  # bad names: later
     return tyro.cli(Args, args=argv, default=defaults, description=__doc__.split("\n")[0])
