@@ -230,9 +230,10 @@ def load_brax(name: str) -> dict:
     return report
 
 
-def brax_table() -> str:
-    """Final deterministic return per run: IQM over seeds [95% bootstrap CI], by task; each task's best Adam with
-    the learned optimizer's clip (its lr picked on the same seeds) is the reference of the last column."""
+def brax_untuned_selection_table() -> str:
+    """Before --protocol: final deterministic return per run, IQM over seeds [95% bootstrap CI], by task; each
+    task's best Adam with the learned optimizer's clip (its lr picked on the same seeds) is the reference of the
+    last column."""
     present = [f for f in BRAX_FILES if os.path.exists(os.path.join(HERE, f))]
     if not present:
         return "_(no result files yet)_"
@@ -260,6 +261,138 @@ def brax_table() -> str:
                  "seeds it is reported on (this favours Adam). Files: "
                  + ", ".join(f"[results/{f}](results/{f})" for f in present) + ".")
     return "\n".join(lines)
+
+
+BRAX_PROTOCOL = "python eval_brax.py --protocol"  # writes brax/<task>/: one file per run and protocol.json
+BRAX_TASKS = ("inverted_double_pendulum", "hopper", "reacher", "ant")  # eval_brax.py's --protocol-tasks
+BRAX_ROWS = {  # protocol.json's reported runs -> row label (and line in the figure)
+    "lopt": "learned optimizer, lr tuned",
+    "lopt_paper_lr": "learned optimizer, the paper's lr",
+    "sign_sgd": "sign-SGD (its meta-step-0 self), lr tuned",
+    "adam": "Adam, its clip, lr tuned",
+    "adam_brax": "Adam, Brax's setting (no clip)",
+}
+
+
+def load_protocol(folder: str = os.path.join(HERE, "brax")) -> dict[str, dict]:
+    """{task: its protocol.json with each reported run loaded under "runs"}, for the tasks whose protocol finished,
+    in eval_brax's task order. Each run's curves are per-seed returns at each evaluation (0 = before training)."""
+    tasks = {}
+    found = os.listdir(folder) if os.path.isdir(folder) else []
+    for task in sorted(found, key=lambda t: (BRAX_TASKS.index(t) if t in BRAX_TASKS else len(BRAX_TASKS), t)):
+        path = os.path.join(folder, task, "protocol.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            protocol = json.load(f)
+        protocol["runs"] = {}
+        for label, name in protocol["reported"].items():
+            with open(os.path.join(folder, task, name)) as f:
+                run = json.load(f)
+            run["returns"] = np.array(run["returns"])  # [seed, evaluation]
+            protocol["runs"][label] = run
+        tasks[task] = protocol
+    return tasks
+
+
+def brax_normalized(protocol: dict) -> dict[str, np.ndarray]:
+    """Per-seed final returns on the scale 0 = the untrained policy (evaluation 0, the same initial networks for
+    every optimizer) and 1 = tuned clipped Adam's IQM, per reported run."""
+    runs = protocol["runs"]
+    random = float(np.mean(runs["adam"]["returns"][:, 0]))
+    adam = iqm_interval([runs["adam"]["returns"][:, -1]])[0]
+    return {label: (run["returns"][:, -1] - random) / (adam - random) for label, run in runs.items()}
+
+
+def brax_table(folder: str = os.path.join(HERE, "brax")) -> str:
+    """Per task and over the tasks together: each optimizer's final return, lr picked on selection seeds."""
+    tasks = load_protocol(folder)
+    if not tasks:
+        return "_(no result files yet)_"
+    lines = ["| task | optimizer | lr | final return, IQM [95% CI] | normalised, IQM [95% CI] |",
+             "|---|---|---:|---:|---:|"]
+    normalized = {task: brax_normalized(p) for task, p in tasks.items()}
+    for task, protocol in tasks.items():
+        for label, row in BRAX_ROWS.items():
+            run = protocol["runs"][label]
+            raw = iqm_interval([run["returns"][:, -1]])
+            norm = iqm_interval([normalized[task][label]])
+            bold = "**" if label.startswith("lopt") else ""
+            lines.append(f"| {task} | {row} | {tl.format_lr(run['fingerprint']['learning_rate'])} | "
+                         f"{bold}{raw[0]:.0f} [{raw[1]:.0f}, {raw[2]:.0f}]{bold} | "
+                         f"{bold}{norm[0]:.2f} [{norm[1]:.2f}, {norm[2]:.2f}]{bold} |")
+    if len(tasks) > 1:
+        for label, row in BRAX_ROWS.items():
+            norm = iqm_interval([normalized[task][label] for task in tasks])
+            bold = "**" if label.startswith("lopt") else ""
+            lines.append(f"| all {len(tasks)} | {row} | | | {bold}{norm[0]:.2f} [{norm[1]:.2f}, {norm[2]:.2f}]{bold} |")
+    first = next(iter(tasks.values()))
+    missing = [t for t in BRAX_TASKS if t not in tasks]
+    lines.append("")
+    lines.append(f"Final deterministic return after the CPU preset's budget, IQM over {first['num_seeds']} seeds with "
+                 f"a 95% stratified-bootstrap interval; each lr picked by mean final return on "
+                 f"{first['selection_seeds']} other seeds (grid 1e-4, 3e-4, 1e-3, extended at an edge). Normalised: "
+                 "0 = the untrained policy, 1 = tuned clipped Adam. Learned optimizer: "
+                 f"{checkpoint_name(first['lopt_path'])}. Command: `{BRAX_PROTOCOL}`"
+                 + (f" (not run yet: {', '.join(missing)})" if missing else "")
+                 + "; files: " + ", ".join(f"[results/brax/{t}/](results/brax/{t}/)" for t in tasks) + ".")
+    return "\n".join(lines)
+
+
+def brax_summary_table(folder: str = os.path.join(HERE, "brax")) -> str:
+    """The README's: normalised final return per task and over the tasks, one column per optimizer."""
+    tasks = load_protocol(folder)
+    if not tasks:
+        return "_(no result files yet)_"
+    normalized = {task: brax_normalized(p) for task, p in tasks.items()}
+    columns = {"lopt": "learned, lr tuned", "lopt_paper_lr": "learned, 3e-4", "sign_sgd": "sign-SGD, tuned",
+               "adam": "Adam, tuned", "adam_brax": "Adam, Brax's"}
+    lines = ["| task | " + " | ".join(columns.values()) + " |", "|---|" + "---:|" * len(columns)]
+
+    def cell(scores, label):
+        iqm, low, high = iqm_interval(scores)
+        bold = "**" if label == "lopt" else ""
+        return f"{bold}{iqm:.2f} [{low:.2f}, {high:.2f}]{bold}"
+
+    for task in tasks:
+        lines.append(f"| {task} | " + " | ".join(cell([normalized[task][c]], c) for c in columns) + " |")
+    if len(tasks) > 1:
+        lines.append(f"| all {len(tasks)} | "
+                     + " | ".join(cell([normalized[t][c] for t in tasks], c) for c in columns) + " |")
+    first = next(iter(tasks.values()))
+    lines.append("")
+    lines.append(f"Final deterministic return, IQM [95% CI] over {first['num_seeds']} seeds per task, normalised "
+                 "per task: 0 = the untrained policy, 1 = tuned Adam (with the learned optimizer's element-wise clip). "
+                 f"Each lr picked on {first['selection_seeds']} other seeds. `{BRAX_PROTOCOL}`; raw returns, lrs and "
+                 "files: [docs/brax.md](docs/brax.md).")
+    return "\n".join(lines)
+
+
+def plot_brax(path: str, folder: str = os.path.join(HERE, "brax")) -> None:
+    """Return against env steps per task: IQM over the reported seeds with its 95% bootstrap interval."""
+    tasks = load_protocol(folder)
+    if not tasks:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks) + 0.4, 3.4), squeeze=False)
+    for ax, (task, protocol) in zip(axes[0], tasks.items()):
+        for color, label in zip(("C3", "C2", "C0", "C7"), ("lopt", "sign_sgd", "adam", "adam_brax")):
+            run = protocol["runs"][label]
+            curve = np.array([iqm_interval([run["returns"][:, t]], samples=2000) for t in range(run["returns"].shape[1])])
+            steps = np.array(run["env_steps"]) / 1e3
+            ax.plot(steps, curve[:, 0], color=color,
+                    label=f"{BRAX_ROWS[label].split(',')[0]} @ {tl.format_lr(run['fingerprint']['learning_rate'])}")
+            ax.fill_between(steps, curve[:, 1], curve[:, 2], color=color, alpha=0.2)
+        ax.set(title=f"{task} ({protocol['backend']})", xlabel="env steps (thousands)")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(f"eval return, IQM [95% CI], {next(iter(tasks.values()))['num_seeds']} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def checkpoint_name(path: str) -> str:
@@ -424,7 +557,8 @@ def tables() -> dict[str, str]:
             "gridworld-previous": gridworld_table(TABLES["gridworld-previous"]),
             "gridworld-2026-11-25": gridworld_table(TABLES["gridworld-2026-11-25"]),
             "gridworld-headroom": headroom_table(),
-            "meta-gradient-signal": signal_table(), "brax": brax_table(),
+            "meta-gradient-signal": signal_table(), "brax": brax_table(), "brax-summary": brax_summary_table(),
+            "brax-same-seed-selection": brax_untuned_selection_table(),
             "meta-screens": screens_table(), "policy-only-seeds": seeds_table(SEED_FILES),
             "envs-32-seeds": seeds_table(ENVS_32_FILES), "envs-32-seeds-1e6": seeds_table(ENVS_32_1E6_FILES),
             "aligned-screen": seeds_table(ALIGNED_FILES, column="env steps"),
@@ -432,7 +566,7 @@ def tables() -> dict[str, str]:
 
 
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)\n?(<!-- /table:(?P=name) -->)", re.S)
-DOCUMENTS = ["README.md", os.path.join("docs", "results.md")]
+DOCUMENTS = ["README.md", os.path.join("docs", "results.md"), os.path.join("docs", "brax.md")]
 
 
 def blocks(text: str) -> dict[str, str]:
@@ -463,6 +597,7 @@ def main(argv: list[str]) -> None:
         print(f"rewrote {', '.join(blocks(text)) or 'no tables'} in {document}")
     plot_screens(os.path.join(REPO, "docs", "meta_screens.png"))
     plot_seed_runs(DEFAULT_RUNS, os.path.join(REPO, "docs", "meta_training_default.png"))
+    plot_brax(os.path.join(REPO, "docs", "brax_protocol.png"))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,11 @@ import os, sys; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspa
 
 import tempfile
 
-import jax
+# The suite's time is XLA compiling tiny programs: LLVM's optimisation passes are most of it and buy nothing at
+# these sizes. Set before jax starts its backend; subprocesses started by tests inherit it.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402
 
 # Persistent compilation cache: test_train_lopt.py meta-trains several times with identical tiny settings;
 # each run jits a fresh closure, which misses JAX's in-memory cache but hits this on-disk one (same HLO).

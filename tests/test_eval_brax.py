@@ -266,3 +266,114 @@ def test_cli_errors_are_one_line(cli, case):
 
 def test_unknown_env_lists_brax_environments(cli):
     assert "inverted_double_pendulum" in cli[0]["unknown_env"].stderr and "ant" in cli[0]["unknown_env"].stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# --protocol: the lr picked on selection seeds, reported on others, every run saved and reused
+# ------------------------------------------------------------------------------------------------
+
+PEAK_LR = {"adam": 3e-3, "sign_sgd": 1e-4, "lopt": 3e-4, "adam_brax": 3e-4}  # adam's peak is beyond the grid
+
+
+def synthetic_runs(calls: list, fail_after: int | None = None):
+    """run_optimizer's stand-in: a final return that peaks at PEAK_LR[optimizer] (in log lr), the same on every
+    seed, so the picks are known; it records what it was asked to run. PPO itself is tested by tiny_run above."""
+
+    def run_optimizer(name, args, env, optimizer, keys):
+        if fail_after is not None and len(calls) == fail_after:
+            raise KeyboardInterrupt  # a protocol killed mid-way
+        calls.append((name, np.asarray(keys)))
+        optimizer_name, lr = name.split()[1].split("@")
+        final = -abs(np.log10(float(lr)) - np.log10(PEAK_LR[optimizer_name]))
+        evaluations = len(eb.eval_schedule(args)[1])
+        returns = np.linspace(-1.0, final, evaluations)[:, None] * np.ones(len(keys))
+        return returns, {"final_returns": list(returns[-1]), "wall_time_s": 0.0}
+
+    return run_optimizer
+
+
+def protocol_argv(results_dir, *flags):
+    return ["--protocol", "--protocol-tasks", "fast", "--selection-seeds", "3", "--num-seeds", "2",
+            "--results-dir", str(results_dir), *TINY_PPO[2:], *flags]
+
+
+@pytest.fixture
+def fast_task(monkeypatch):
+    monkeypatch.setitem(eb.PROTOCOL_BACKENDS, "fast", "positional")
+
+
+def test_protocol_picks_on_selection_seeds_and_reports_on_others(tmp_path, monkeypatch, fast_task):
+    calls = []
+    monkeypatch.setattr(eb, "run_optimizer", synthetic_runs(calls))
+    eb.cli(protocol_argv(tmp_path))
+    protocol = json.loads((tmp_path / "fast" / "protocol.json").read_text())
+    # adam's peak (3e-3) is past the grid's top: the grid grows there (1e-3 x 10/3) and stops once it brackets it
+    assert protocol["picked_lr"] == {"adam": 3.33e-3, "sign_sgd": 1e-4, "lopt": 3e-4}
+    assert list(protocol["selection_mean_final_return"]["adam"]) == ["1.00e-04", "3.00e-04", "1.00e-03", "3.33e-03",
+                                                                      "1.11e-02"]
+    assert protocol["reported"] == {"adam": "adam@3.33e-03_reported.json", "sign_sgd": "sign_sgd@1.00e-04_reported.json",
+                                    "lopt": "lopt@3.00e-04_reported.json",
+                                    "lopt_paper_lr": "lopt@3.00e-04_reported.json",
+                                    "adam_brax": "adam_brax@3.00e-04_reported.json"}
+    selection = [k for name, k in calls if name.endswith("selection")]
+    reported = [k for name, k in calls if name.endswith("reported")]
+    assert all(len(k) == 3 for k in selection) and all(len(k) == 2 for k in reported)
+    assert all(np.array_equal(k, selection[0]) for k in selection) and all(np.array_equal(k, reported[0]) for k in reported)
+    assert not set(map(bytes, selection[0])) & set(map(bytes, reported[0]))  # no lr is picked on a reported seed
+    np.testing.assert_array_equal(reported[0], jax_random_split(0, 2))  # the reported seeds are a plain run's
+    run = json.loads((tmp_path / "fast" / "adam@3.33e-03_reported.json").read_text())
+    assert np.array(run["returns"]).shape == (2, len(run["env_steps"]))  # [seed, evaluation], for the curves
+    assert run["lopt_path"] is None and protocol["lopt_path"] == "checkpoints/optim4rl_gridworld.msgpack"
+    # selection: adam's grid grew twice upwards, sign-SGD's once downwards (its best, 1e-4, was the bottom edge);
+    # then the four distinct reported runs
+    assert len(calls) == 5 + 4 + 3 + 4
+
+
+def jax_random_split(seed, n):
+    import jax
+
+    return np.asarray(jax.random.split(jax.random.PRNGKey(seed), n))
+
+
+def test_protocol_resumes_from_its_saved_runs(tmp_path, monkeypatch, fast_task):
+    """Killed after 4 runs, a rerun trains only what is missing; a third run trains nothing; a new checkpoint
+    retrains the learned optimizer's runs alone."""
+    calls = []
+    monkeypatch.setattr(eb, "run_optimizer", synthetic_runs(calls, fail_after=4))
+    with pytest.raises(KeyboardInterrupt):
+        eb.cli(protocol_argv(tmp_path))
+    assert len(list((tmp_path / "fast").glob("*.json"))) == 4 and not (tmp_path / "fast" / "protocol.json").exists()
+    monkeypatch.setattr(eb, "run_optimizer", synthetic_runs(calls))
+    eb.cli(protocol_argv(tmp_path))
+    assert len(calls) == 16 and len({name for name, _ in calls}) == 16  # nothing ran twice
+    first = (tmp_path / "fast" / "protocol.json").read_text()
+    eb.cli(protocol_argv(tmp_path))
+    assert len(calls) == 16 and (tmp_path / "fast" / "protocol.json").read_text() == first
+    other = tmp_path / "other.msgpack"  # the same optimizer, another file content: its runs are not reused
+    checkpoint = train_lopt.load_msgpack(train_lopt.PRETRAINED_OPTIMIZER)
+    checkpoint["meta_step"] = checkpoint.get("meta_step", 0) + 1
+    save_msgpack(str(other), checkpoint)
+    eb.cli(protocol_argv(tmp_path, "--lopt-path", str(other)))
+    assert {name.split()[1].split("@")[0] for name, _ in calls[16:]} == {"lopt"} and len(calls) == 16 + 4
+
+
+# Bad --protocol input, each rejected before any run (in-process: the one-line CLI form is tested above)
+PROTOCOL_ERRORS = {
+    "unknown task": (["--protocol-tasks", "hopper", "pong"], "--protocol-tasks pong: unknown; choose from "
+                                                             "inverted_double_pendulum, hopper, reacher, ant"),
+    "--env": (["--env", "hopper"], "--env: not with --protocol; choose tasks with --protocol-tasks"),
+    "no update": (["--protocol-tasks", "reacher", "--total-timesteps", "100"], "--total-timesteps 100: must be at least"),
+    "no selection seed": (["--selection-seeds", "0"], "--selection-seeds 0: must be"),
+    "not an optimizer": (["--lopt-path", os.path.join(REPO, "README.md")], "--lopt-path: "),
+    "unwritable": (["--results-dir", os.path.join(REPO, "README.md", "sub")], "--results-dir "),
+}
+
+
+@pytest.mark.parametrize("case", list(PROTOCOL_ERRORS))
+def test_protocol_bad_input_names_the_problem_and_writes_nothing(case, tmp_path):
+    flags, message = PROTOCOL_ERRORS[case]
+    argv = ["--protocol", *flags] + ["--results-dir", str(tmp_path / "results")] * ("--results-dir" not in flags)
+    with pytest.raises(UserError) as error:
+        eb.cli(argv)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
+    assert not (tmp_path / "results").exists() or not os.listdir(tmp_path / "results")

@@ -1337,7 +1337,7 @@ def test_paper_job_is_a_wall_and_leaves_small_files(tmp_path):
     machine). OUT_DIR holds the optimizers, evaluation, metrics, plot and log, each small, the train state stays in
     WORK_DIR, and a second job with the same WORK_DIR resumes it. Where the evaluation did not fit, the job says so
     and how to run it instead."""
-    out, work, budget = tmp_path / "out", tmp_path / "work", 45
+    out, work, budget = tmp_path / "out", tmp_path / "work", 30
     settings = {**TINY, "val_every": 10**6, "reset_interval": 64, "meta_lr": 3e-3, "meta_steps": 10**6,
                 "save_every": 10**6, "log_every": 10**6}
     flags = [a for k, v in settings.items() for a in (flag_name(k), str(v))]
