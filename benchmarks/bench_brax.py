@@ -82,7 +82,7 @@ def run_brax(ppo_args: eb.Args, env, seed: int) -> dict:
     start = time.time()
     brax_ppo.train(
         environment=env, num_timesteps=ppo_args.total_timesteps, episode_length=ppo_args.episode_length,
-        action_repeat=ppo_args.action_repeat, num_envs=ppo_args.num_envs, learning_rate=ppo_args.learning_rate,
+        action_repeat=ppo_args.action_repeat, num_envs=ppo_args.num_envs, learning_rate=ppo_args.learning_rates[0],
         entropy_cost=ppo_args.entropy_cost, discounting=ppo_args.discounting, unroll_length=ppo_args.unroll_length,
         batch_size=ppo_args.batch_size, num_minibatches=ppo_args.num_minibatches,
         num_updates_per_batch=ppo_args.num_updates_per_batch, normalize_observations=ppo_args.normalize_observations,
@@ -105,7 +105,8 @@ class OurTrainer:
 
     def __init__(self, ppo_args: eb.Args, env, optimizer_name: str):
         self.trained, self.evaluated = [], []  # times at which each period's updates and evaluation ended
-        train = eb.make_train(ppo_args, env, eb.make_optimizer(optimizer_name, ppo_args),
+        lr = ppo_args.lopt_lr if optimizer_name == "lopt" else ppo_args.learning_rates[0]
+        train = eb.make_train(ppo_args, env, eb.make_optimizer(ppo_args, optimizer_name, lr),
                               on_eval=lambda *_: self.evaluated.append(time.time()),
                               on_trained=lambda _: self.trained.append(time.time()))
         start = time.time()
