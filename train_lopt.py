@@ -111,6 +111,12 @@ class Args:
     docs/results.md)"""
     meta_grad_clip: float = 1.0
     """clip the (task-averaged) meta-gradient to this global norm"""
+    meta_grad: Literal["truncated", "pes"] = "truncated"
+    """'truncated': back-propagate through the K inner updates of each meta-step (the paper's; biased: it ignores
+    how the optimizer shaped the agent before them); 'pes': persistent evolution strategies (Vicol et al. 2021),
+    forward only, unbiased for the meta-loss summed over each agent's whole lifetime; agents form antithetic pairs"""
+    pes_sigma: float = 0.01
+    """--meta-grad pes: standard deviation of the Gaussian perturbation of the optimizer's parameters"""
     # The defaults below (policy term only, in TD units, a normalised step from sign-SGD's tuned lr) are the one
     # recipe that did not collapse on 3 meta-seeds; the paper's A2C meta-loss trains an optimizer that serves the critic,
     # and collapses (--preset paper keeps it; docs/results.md, "What was tried").
@@ -623,12 +629,36 @@ def agent_meta_loss(lopt_params, task: Task, agent: Agent, reset_key, reset_now,
 # ================================================================================================
 
 
+def antithetic_perturbations(key, num_particles: int, dim: int, sigma: float) -> jax.Array:
+    """[num_particles, dim]: particles 2p and 2p + 1 get +eps_p and -eps_p, eps_p ~ N(0, sigma^2 I)."""
+    eps = sigma * jax.random.normal(key, (num_particles // 2, dim))
+    return jnp.stack([eps, -eps], 1).reshape(num_particles, dim)
+
+
+def pes_step(flat_params, accumulators, reset_now, key, sigma: float, unroll):
+    """One truncation of persistent evolution strategies (Vicol et al. 2021), antithetic.
+
+    Every particle runs the truncation (unroll: [particles, dim] parameters -> (per-particle losses, aux)) at
+    its own perturbed parameters, and keeps the sum of the perturbations it has used since its reset (the
+    accumulators [particles, dim], zeroed where reset_now). sum_i accumulator_i loss_i / (n sigma^2) is then an
+    unbiased estimate of the gradient of the Gaussian-smoothed loss of this truncation with respect to the
+    parameters of *every* truncation of the particle's unroll so far, which is the whole-unroll gradient that a
+    truncated back-propagation cuts off. Returns (gradient estimate [dim], accumulators, losses, aux).
+    """
+    perturbation = antithetic_perturbations(key, *accumulators.shape, sigma)
+    accumulators = jnp.where(reset_now[:, None], 0.0, accumulators) + perturbation
+    losses, aux = unroll(flat_params + perturbation)
+    grad = jnp.einsum("n,nd->d", losses, accumulators) / (losses.shape[0] * sigma**2)
+    return grad, accumulators, losses, aux
+
+
 class MetaState(struct.PyTreeNode):
     meta_step: jax.Array
     lopt_params: Any
     meta_opt_state: Any
     populations: tuple  # one Agent population (leading axis = agents) per task
     key: jax.Array
+    pes_accumulators: tuple = ()  # --meta-grad pes: per task, [agents, optimizer parameters]; () otherwise
 
 
 class MetaTrain(NamedTuple):
@@ -642,6 +672,8 @@ class MetaTrain(NamedTuple):
 
 def agents_per_chunk(args: Args) -> int:
     """--agents-per-chunk, checked; None (or more than --num-agents) means the whole population."""
+    if args.meta_grad == "pes" and args.num_agents % 2:
+        raise UserError(f"--num-agents {args.num_agents}: --meta-grad pes needs an even number (antithetic pairs)")
     chunk = min(args.agents_per_chunk or args.num_agents, args.num_agents)
     if chunk < 1:
         raise UserError(f"--agents-per-chunk must be positive, got {args.agents_per_chunk}")
@@ -660,8 +692,16 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
     """
     tasks = tuple(Task.make(name, args) for name in task_names)
     net = make_lopt_net(lopt_config(args))
-    offsets = jnp.asarray(reset_offsets(args.num_agents, args.reset_interval, args.pipeline))
     chunk = agents_per_chunk(args)
+    pes = args.meta_grad == "pes"
+    # PES: agents 2p and 2p + 1 are an antithetic pair, identical until their perturbations differ: the same
+    # reset schedule and the same keys (common random numbers), so their loss difference is the perturbation's.
+    pairs = 2 if pes else 1
+    offsets = jnp.asarray(np.repeat(reset_offsets(args.num_agents // pairs, args.reset_interval, args.pipeline), pairs))
+
+    def agent_keys(key):
+        return jnp.repeat(jax.random.split(key, args.num_agents // pairs), pairs, axis=0)
+
     meta_tx = optax.apply_if_finite(
         optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_lr)),
         max_consecutive_errors=2**30,  # we stop the run ourselves after --max-bad-steps
@@ -676,11 +716,11 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
         lopt_params = init_lopt_params(net, key_lopt)
         tx = inner_tx(lopt_params)
         pop_keys = jax.random.split(key_pop, len(tasks))
-        populations = tuple(
-            jax.vmap(partial(init_agent, task, tx))(jax.random.split(k, args.num_agents))
-            for task, k in zip(tasks, pop_keys)
-        )
-        return MetaState(jnp.zeros((), jnp.int32), lopt_params, meta_tx.init(lopt_params), populations, key)
+        populations = tuple(jax.vmap(partial(init_agent, task, tx))(agent_keys(k)) for task, k in zip(tasks, pop_keys))
+        dim = ravel_pytree(lopt_params)[0].size
+        accumulators = tuple(jnp.zeros((args.num_agents, dim)) for _ in tasks) if pes else ()
+        return MetaState(jnp.zeros((), jnp.int32), lopt_params, meta_tx.init(lopt_params), populations, key,
+                         accumulators)
 
     def agents_meta_loss(lopt_params, task, agents, keys, reset_now):
         """Summed meta-loss of some agents of a task (vmapped), divided by the population size."""
@@ -718,13 +758,35 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
             lambda x: x.reshape(args.num_agents, *x.shape[2:]), (population, return_sum.T, return_count.T))
         return (jnp.sum(losses), (population, return_sum, return_count, diagnostics.mean((0, 1)))), grad
 
+    def population_pes_grad(lopt_params, task, population, accumulators, key, meta_step):
+        """population_meta_grad's counterpart under --meta-grad pes, forward only: the whole population at once."""
+        flat_params, unravel = ravel_pytree(lopt_params)
+        key_agents, key_perturb = jax.random.split(key)
+        keys = agent_keys(key_agents)
+        reset_now = reset_mask(meta_step, offsets, args.reset_interval) | ~jax.vmap(all_finite)(population.params)
+        one_agent = partial(agent_meta_loss, make_tx=inner_tx, inner_updates=args.inner_updates,
+                            meta_value_coef=args.meta_value_coef, meta_loss_scale=args.meta_loss_scale)
+
+        def unroll(perturbed):
+            return jax.vmap(lambda p, *a: one_agent(unravel(p), task, *a))(perturbed, population, keys, reset_now)
+
+        flat_grad, accumulators, losses, (population, return_sum, return_count, diagnostics) = pes_step(
+            jax.lax.stop_gradient(flat_params), accumulators, reset_now, key_perturb, args.pes_sigma, unroll)
+        return (jnp.mean(losses), (population, return_sum, return_count, diagnostics.mean(0))), \
+            unravel(flat_grad), accumulators
+
     def meta_step(state: MetaState):
         key, *task_keys = jax.random.split(state.key, len(tasks) + 1)
-        grads, populations, metrics = [], [], []
-        for task, population, task_key in zip(tasks, state.populations, task_keys):
-            (loss, (population, return_sum, return_count, diagnostics)), grad = population_meta_grad(
-                state.lopt_params, task, population, task_key, state.meta_step
-            )
+        grads, populations, metrics, accumulators = [], [], [], []
+        for i, (task, population, task_key) in enumerate(zip(tasks, state.populations, task_keys)):
+            if pes:
+                (loss, (population, return_sum, return_count, diagnostics)), grad, accumulator = population_pes_grad(
+                    state.lopt_params, task, population, state.pes_accumulators[i], task_key, state.meta_step)
+                accumulators.append(accumulator)
+            else:
+                (loss, (population, return_sum, return_count, diagnostics)), grad = population_meta_grad(
+                    state.lopt_params, task, population, task_key, state.meta_step
+                )
             # Summed as they are: with --meta-loss-scale td each task's meta-loss is in TD-error units; with 'raw'
             # (the paper's) the reward scales (1e0..1e3) weight the tasks (docs/results.md, "Task weighting").
             grads.append(grad)
@@ -734,13 +796,15 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
         grad = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
         updates, meta_opt_state = meta_tx.update(grad, state.meta_opt_state, state.lopt_params)
         lopt_params = optax.apply_updates(state.lopt_params, updates)
-        new_state = MetaState(state.meta_step + 1, lopt_params, meta_opt_state, tuple(populations), key)
+        new_state = MetaState(state.meta_step + 1, lopt_params, meta_opt_state, tuple(populations), key,
+                              tuple(accumulators))
         return new_state, dict(tasks=metrics, grad_finite=all_finite(grad))
 
     population = population_sharding(args.num_agents, "--num-agents")
     replicated = NamedSharding(population.mesh, PartitionSpec())
     # A pytree prefix of MetaState: one sharding per field, applied to every leaf below it.
-    state_sharding = MetaState(replicated, replicated, replicated, population, replicated)
+    state_sharding = MetaState(replicated, replicated, replicated, population, replicated,
+                               tuple(population for _ in tasks) if pes else ())
     return MetaTrain(
         jax.jit(init, out_shardings=state_sharding),
         jax.jit(meta_step, out_shardings=(state_sharding, replicated), donate_argnums=0),
@@ -1800,7 +1864,7 @@ def check_settings(args: Args) -> None:
     check_args(args, positive=("num_agents", "agents_per_chunk", "num_envs", "inner_updates", "rollout_steps",
                                "reset_interval", "meta_steps", "meta_lr", "meta_grad_clip", "lopt_lr", "hidden_size",
                                "save_every", "log_every", "time_limit", "val_seeds", "val_steps", "eval_seeds",
-                               "eval_steps", "eval_envs", "max_bad_steps"),
+                               "eval_steps", "eval_envs", "max_bad_steps", "pes_sigma"),
                non_negative=("grad_clip", "entropy_coef", "val_every"),
                unit_interval=("gamma", "gae_lambda"))
     agents_per_chunk(args)
