@@ -668,6 +668,9 @@ class MetaTrain(NamedTuple):
     population_meta_grad: Any  # (lopt_params, task, population, key, meta_step) -> ((loss, aux), meta-gradient)
     net: nn.Module
     tasks: tuple
+    # --meta-grad pes: (lopt_params, task, population, accumulators, key, meta_step) -> ((loss, aux), estimate,
+    # accumulators)
+    population_pes_grad: Any = None
 
 
 def agents_per_chunk(args: Args) -> int:
@@ -812,6 +815,7 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
         population_meta_grad,
         net,
         tasks,
+        population_pes_grad if pes else None,
     )
 
 

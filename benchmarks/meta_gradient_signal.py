@@ -64,6 +64,11 @@ class Args:
     """random splits per population size and meta-step"""
     lopt_path: str | None = None
     """optimizer checkpoint whose parameters are held fixed (default: meta-step 0 of --seed)"""
+    against_pes: bool = False
+    """instead of split-half cosines: the truncated meta-gradient against PES's for the same meta-loss
+    (measure_against_pes)"""
+    pes_sigma: float = tl.Args.pes_sigma
+    """--against-pes: train_lopt's --pes-sigma"""
     seed: int = 0
     out: str = "results/meta_gradient_signal.json"
 
@@ -179,6 +184,58 @@ def measure(args: Args, objective: str, base: tl.Args, log=print) -> dict:
     }
 
 
+def measure_against_pes(args: Args, objective: str, base: tl.Args, log=print) -> dict:
+    """Does the truncated meta-gradient point where the lifetime-unbiased one (PES, train_lopt's --meta-grad pes)
+    points, for the same meta-loss? A population of --num-agents agents per task in antithetic pairs is run at fixed
+    optimizer parameters as --meta-grad pes runs it (accumulating its perturbations) through the warm-up; then, at
+    each of --measure-steps meta-steps, the PES estimate and the truncated meta-gradient of the same agents (summed
+    over tasks) are kept. Reported: the cosine between their means over the measured steps, and for each the cosine
+    between its means over the even and the odd steps (near 0: at this size it is noise, and so is the first)."""
+    agent_args = dataclasses.replace(base, **OBJECTIVES[objective], num_agents=args.num_agents, seed=args.seed,
+                                     meta_grad="pes", pes_sigma=args.pes_sigma)
+    if args.lopt_path:
+        checkpoint = tl.read_optimizer_checkpoint(args.lopt_path)
+        agent_args = dataclasses.replace(agent_args, **checkpoint["config"])
+        lopt_params = checkpoint["params"]
+    else:
+        lopt_params = tl.initial_lopt_params(agent_args)
+    meta = tl.make_meta_train(agent_args, tuple(args.tasks))
+    warmup = agent_args.reset_interval if args.warmup_steps is None else args.warmup_steps
+    state = meta.init(jax.random.PRNGKey(args.seed))
+    populations, accumulators = list(state.populations), list(state.pes_accumulators)
+    pes = [jax.jit(lambda *a, task=task: meta.population_pes_grad(a[0], task, *a[1:])) for task in meta.tasks]
+    truncated = [jax.jit(lambda *a, task=task: meta.population_meta_grad(a[0], task, *a[1:])) for task in meta.tasks]
+    key, start = jax.random.PRNGKey(args.seed + 1), time.time()
+    measured = {"truncated": [], "pes": []}
+    for step in range(warmup + args.measure_steps):
+        sums = {"truncated": 0.0, "pes": 0.0}
+        for i in range(len(meta.tasks)):
+            key, key_step = jax.random.split(key)
+            if step >= warmup:  # the truncated meta-gradient of these agents, before PES moves them on
+                sums["truncated"] += ravel_pytree(truncated[i](lopt_params, populations[i], key_step, step)[1])[0]
+            (_, (populations[i], *_)), grad, accumulators[i] = pes[i](
+                lopt_params, populations[i], accumulators[i], key_step, step)
+            sums["pes"] += ravel_pytree(grad)[0]
+        if step >= warmup:
+            for name, total in sums.items():
+                measured[name].append(np.asarray(total, np.float64))
+        if (step + 1) % 16 == 0:
+            log(f"  pes vs truncated, {objective}: meta-step {step + 1}/{warmup + args.measure_steps}, "
+                f"{time.time() - start:.0f}s")
+    grads = {name: np.stack(g) for name, g in measured.items()}  # [measure_steps, P]
+    if not all(np.all(np.isfinite(g)) for g in grads.values()):
+        raise UserError(f"{objective}: non-finite meta-gradients; nothing written")
+
+    def cosine(a, b):
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+    return {"flags": OBJECTIVES[objective], "num_agents": args.num_agents, "pes_sigma": args.pes_sigma,
+            "warmup_steps": warmup, "measure_steps": args.measure_steps,
+            "cosine_truncated_pes": cosine(grads["truncated"].mean(0), grads["pes"].mean(0)),
+            "even_odd_cosine": {n: cosine(g[0::2].mean(0), g[1::2].mean(0)) for n, g in grads.items()},
+            "seconds": time.time() - start}
+
+
 def main(args: Args, base: tl.Args | None = None) -> None:
     check_args(args, positive=("num_agents", "measure_steps", "splits"), non_negative=("warmup_steps",))
     check_choices("--objectives", args.objectives, OBJECTIVES)
@@ -190,7 +247,13 @@ def main(args: Args, base: tl.Args | None = None) -> None:
         tl.read_optimizer_checkpoint(args.lopt_path)  # a missing or foreign file: its one-line error, now
     results = {}
     for name in args.objectives:
-        results[name] = measure(args, name, base or dataclasses.replace(tl.Args(), num_envs=SMALL_BATCH))
+        objective_base = base or dataclasses.replace(tl.Args(), num_envs=SMALL_BATCH)
+        if args.against_pes:
+            results[name] = r = measure_against_pes(args, name, objective_base)
+            print(f"{name}: cosine truncated / PES {r['cosine_truncated_pes']:.3f}; even/odd steps: truncated "
+                  f"{r['even_odd_cosine']['truncated']:.3f}, PES {r['even_odd_cosine']['pes']:.3f}", flush=True)
+            continue
+        results[name] = measure(args, name, objective_base)
         cells = ", ".join(f"{n}: {c['mean']:.3f}" for n, c in results[name]["split_half_cosine"].items())
         print(f"{name}: split-half cosine by agents per task {cells}; agents per task for 0.5 / 0.9: "
               + " / ".join("none" if v is None else f"{v:.0f}"

@@ -85,3 +85,14 @@ def test_bad_input_is_a_one_line_error(flags, named, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert named in err and "\n" not in err
     assert not os.path.exists(args.out)
+
+
+def test_tiny_run_against_pes_writes_its_cosines(tmp_path):
+    """--against-pes: the truncated meta-gradient against PES's, measured on a paired population at fixed
+    parameters; cosines are finite and in [-1, 1]."""
+    args = dataclasses.replace(TINY, out=str(tmp_path / "pes.json"), against_pes=True, measure_steps=4)
+    mgs.main(args, BASE)
+    result = json.load(open(args.out))["objectives"]["default"]
+    cosines = [result["cosine_truncated_pes"], *result["even_odd_cosine"].values()]
+    assert all(np.isfinite(c) and -1 <= c <= 1 for c in cosines), result
+    assert result["measure_steps"] == 4 and result["num_agents"] == 4
