@@ -44,6 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from common import (
     ENV_GROUPS,
+    MAX_GRID_EXTENSIONS,
     PRETRAINED_OPTIMIZER,
     REWARD_SCALES,
     Interrupted,
@@ -59,7 +60,6 @@ from common import (
     load_arrays,
     load_msgpack,
     make_env,
-    MAX_GRID_EXTENSIONS,
     recorded,
     round_lr,
     run_cli,

@@ -77,6 +77,7 @@ SCREENS = {
     "normalize_step_lr_1e-2_td_policy_only.csv": ENVS_4,
     "envs_32.csv": "",
     "reset_400_no_normalize.csv": "--reset-interval 400 --no-normalize-step",
+    "meta_grad_pes.csv": "--meta-grad pes",
     "es_pilot.csv": "ES pilot: python benchmarks/es_pilot.py --es-steps 30 (8 antithetic pairs x 4 seeds per task)",
 }
 POLICY_ONLY = f"--normalize-step --lopt-lr 1e-2 --meta-loss-scale td --meta-value-coef 0 {ENVS_4}"

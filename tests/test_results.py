@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -107,3 +108,28 @@ def test_committed_evidence_names_no_absolute_path(folder):
         for text in committed_strings(path):
             match = ABSOLUTE_PATH.search(text)
             assert match is None, f"{os.path.relpath(path, REPO)} records {match.group(0)}"
+
+
+@pytest.mark.parametrize("task", sorted(table.load_protocol()))
+def test_brax_protocol_files_hold_what_the_protocol_says(task):
+    """A finished task of `eval_brax.py --protocol`: every lr it swept has its selection run, whose mean is the one
+    recorded; the picked lr is the best of them; every reported run has 8 or more seeds, their curves start from
+    the same untrained policy and run to the budget; the learned optimizer is the checkpoint recorded."""
+    folder = os.path.join(table.HERE, "brax", task)
+    protocol = table.load_protocol()[task]
+    for name, sweep in protocol["selection_mean_final_return"].items():
+        for lr, mean in sweep.items():
+            with open(os.path.join(folder, f"{name}@{lr}_selection.json")) as f:
+                run = json.load(f)
+            assert run["fingerprint"]["seeds"] == "selection" and len(run["final_returns"]) == protocol["selection_seeds"]
+            assert np.mean(run["final_returns"]) == pytest.approx(mean, rel=1e-12)
+        assert f"{protocol['picked_lr'][name]:.2e}" == max(sweep, key=sweep.get)
+    initial = None
+    for label, run in protocol["runs"].items():
+        assert run["fingerprint"]["seeds"] == "reported" and run["returns"].shape[0] >= 8
+        assert run["env_steps"][0] == 0 and run["env_steps"][-1] == protocol["env_steps_per_seed"]
+        np.testing.assert_array_equal(run["returns"][:, -1], run["final_returns"])
+        initial = run["returns"][:, 0] if initial is None else initial
+        np.testing.assert_allclose(run["returns"][:, 0], initial, rtol=1e-4)  # the same seeds: the same networks
+    with open(os.path.join(REPO, protocol["lopt_path"]), "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == protocol["lopt_sha256"]
