@@ -381,12 +381,13 @@ def plot_brax(path: str, folder: str = os.path.join(HERE, "brax")) -> None:
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks) + 0.4, 3.4), squeeze=False)
     for ax, (task, protocol) in zip(axes[0], tasks.items()):
-        for color, label in zip(("C3", "C2", "C0", "C7"), ("lopt", "sign_sgd", "adam", "adam_brax")):
+        lines = {"lopt": ("C3", "learned optimizer"), "sign_sgd": ("C2", "sign-SGD (its meta-step-0 self)"),
+                 "adam": ("C0", "Adam, its clip"), "adam_brax": ("C7", "Adam, Brax's setting")}
+        for label, (color, name) in lines.items():
             run = protocol["runs"][label]
             curve = np.array([iqm_interval([run["returns"][:, t]], samples=2000) for t in range(run["returns"].shape[1])])
             steps = np.array(run["env_steps"]) / 1e3
-            ax.plot(steps, curve[:, 0], color=color,
-                    label=f"{BRAX_ROWS[label].split(',')[0]} @ {tl.format_lr(run['fingerprint']['learning_rate'])}")
+            ax.plot(steps, curve[:, 0], color=color, label=f"{name} @ {tl.format_lr(run['fingerprint']['learning_rate'])}")
             ax.fill_between(steps, curve[:, 1], curve[:, 2], color=color, alpha=0.2)
         ax.set(title=f"{task} ({protocol['backend']})", xlabel="env steps (thousands)")
         ax.legend(fontsize=7)
