@@ -69,6 +69,17 @@ class Args:
     (measure_against_pes)"""
     pes_sigma: float = tl.Args.pes_sigma
     """--against-pes: train_lopt's --pes-sigma"""
+    against_es: bool = False
+    """instead of split-half cosines: the truncated meta-gradient against an ES estimate of the validation
+    objective's gradient (measure_against_es)"""
+    es_pairs: int = 256
+    es_seeds: int = 4
+    """--against-es: agents per task and ES member (the same for every member)"""
+    es_sigma: float = 0.03
+    es_steps: int = 100_000
+    """--against-es: env steps of each agent's lifetime (the validation's)"""
+    es_seconds: float = 1800.0
+    """--against-es: stop adding pairs (32 at a time) after this many seconds"""
     seed: int = 0
     out: str = "results/meta_gradient_signal.json"
 
@@ -236,6 +247,92 @@ def measure_against_pes(args: Args, objective: str, base: tl.Args, log=print) ->
             "seconds": time.time() - start}
 
 
+def truncated_mean_grad(agent_args: tl.Args, lopt_params, tasks, warmup: int, steps: int, seed: int) -> np.ndarray:
+    """The meta-step's meta-gradient (summed over tasks, as the meta-step averages them) at fixed parameters, averaged
+    over `steps` meta-steps after `warmup` that fill the pipeline."""
+    meta = tl.make_meta_train(dataclasses.replace(agent_args, meta_grad="truncated"), tuple(tasks))
+    populations = list(meta.init(jax.random.PRNGKey(seed)).populations)
+    grad_fns = [jax.jit(lambda *a, task=task: meta.population_meta_grad(a[0], task, *a[1:])) for task in meta.tasks]
+    key, total = jax.random.PRNGKey(seed + 1), 0.0
+    for step in range(warmup + steps):
+        for i, grad_fn in enumerate(grad_fns):
+            key, key_step = jax.random.split(key)
+            (_, (populations[i], *_)), grad = grad_fn(lopt_params, populations[i], key_step, step)
+            if step >= warmup:
+                total = total + np.asarray(ravel_pytree(grad)[0], np.float64)
+    return total / steps
+
+
+def measure_against_es(args: Args, objective: str, base: tl.Args, log=print) -> dict:
+    """Does the truncated meta-gradient point uphill on what validation scores? The gradient of the validation
+    objective (mean final return of fresh agents over whole lifetimes at the evaluation's batch and --es-steps env
+    steps, both tasks) with respect to the optimizer's parameters is estimated by antithetic ES (--es-pairs
+    perturbations of std --es-sigma, the same --es-seeds agents for every member), in rounds of 32 pairs until
+    --es-seconds have passed; each task's return differences are divided by that task's return spread in the first
+    round, so that reward scales do not weight it. Reported: the cosine between the ES estimate and the descent
+    direction of the truncated meta-gradient of the objective's meta-loss (its mean over --measure-steps meta-steps
+    at the same parameters), and the ES estimate's split-half cosine (even pairs against odd ones)."""
+    agent_args = dataclasses.replace(base, **OBJECTIVES[objective], num_agents=args.num_agents, seed=args.seed)
+    if args.lopt_path:
+        checkpoint = tl.read_optimizer_checkpoint(args.lopt_path)
+        agent_args = dataclasses.replace(agent_args, **checkpoint["config"])
+        lopt_params = checkpoint["params"]
+    else:
+        lopt_params = tl.initial_lopt_params(agent_args)
+    start = time.time()
+    warmup = agent_args.reset_interval if args.warmup_steps is None else args.warmup_steps
+    truncated = truncated_mean_grad(agent_args, lopt_params, args.tasks, warmup, args.measure_steps, args.seed)
+    log(f"  {objective}: truncated meta-gradient over {args.measure_steps} meta-steps, {time.time() - start:.0f}s")
+    flat, unravel = ravel_pytree(lopt_params)
+    net = tl.make_lopt_net(tl.lopt_config(agent_args))
+    eval_args = dataclasses.replace(agent_args, num_envs=agent_args.eval_envs)
+
+    def make_tx(flat_params):
+        return tl.clipped_learned_optimizer(net, unravel(flat_params), agent_args.lopt_lr, agent_args.grad_clip,
+                                            normalize_step=agent_args.normalize_step)
+
+    def fitness(name):
+        train = tl.make_a2c_train(tl.Task.make(name, eval_args), make_tx,
+                                  args.es_steps // (agent_args.rollout_steps * agent_args.eval_envs))
+
+        def final_return(key, flat_params):  # the evaluation's final return: the episodes of the last 10%
+            return_sum, return_count = train(key, flat_params)
+            tail = max(1, int(round(return_sum.shape[0] * tl.FINAL_FRACTION)))
+            return return_sum[-tail:].sum() / jnp.maximum(return_count[-tail:].sum(), 1)
+
+        return jax.jit(jax.vmap(jax.vmap(final_return, (0, None)), (None, 0)))  # [members, seeds]
+
+    fitness_fns = {name: fitness(name) for name in args.tasks}
+    key = jax.random.PRNGKey(args.seed + 2000)  # agents apart from validation's and evaluation's streams
+    key, key_agents = jax.random.split(key)
+    agent_keys = jax.random.split(key_agents, args.es_seeds)
+    contributions, scales, round_pairs = [], {}, 32
+    while len(contributions) < args.es_pairs and (not contributions or time.time() - start < args.es_seconds):
+        key, key_noise = jax.random.split(key)
+        noise = np.asarray(jax.random.normal(key_noise, (round_pairs, flat.size)), np.float64)
+        members = jnp.concatenate([flat + args.es_sigma * noise, flat - args.es_sigma * noise]).astype(flat.dtype)
+        diff = 0.0
+        for name, fn in fitness_fns.items():
+            returns = np.asarray(fn(agent_keys, members), np.float64).mean(1)  # [2 pairs], mean over agents
+            scales.setdefault(name, float(np.std(returns)) + 1e-8)
+            diff = diff + (returns[:round_pairs] - returns[round_pairs:]) / scales[name]
+        contributions.extend(diff[:, None] * noise / (2 * args.es_sigma))  # one ascent estimate per pair
+        log(f"  {objective}: ES {len(contributions)} pairs x {args.es_seeds} agents x {len(args.tasks)} tasks, "
+            f"{time.time() - start:.0f}s")
+    contributions = np.stack(contributions)
+    es_grad = contributions.mean(0)
+
+    def cosine(a, b):
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+    return {"flags": OBJECTIVES[objective], "num_agents": args.num_agents, "measure_steps": args.measure_steps,
+            "es_pairs": len(contributions), "es_seeds": args.es_seeds, "es_sigma": args.es_sigma,
+            "es_steps": args.es_steps,
+            "cosine_truncated_descent_es_ascent": cosine(-truncated, es_grad),
+            "es_split_half_cosine": cosine(contributions[0::2].mean(0), contributions[1::2].mean(0)),
+            "seconds": time.time() - start}
+
+
 def main(args: Args, base: tl.Args | None = None) -> None:
     check_args(args, positive=("num_agents", "measure_steps", "splits"), non_negative=("warmup_steps",))
     check_choices("--objectives", args.objectives, OBJECTIVES)
@@ -248,6 +345,11 @@ def main(args: Args, base: tl.Args | None = None) -> None:
     results = {}
     for name in args.objectives:
         objective_base = base or dataclasses.replace(tl.Args(), num_envs=SMALL_BATCH)
+        if args.against_es:
+            results[name] = r = measure_against_es(args, name, objective_base)
+            print(f"{name}: cosine truncated descent / ES ascent {r['cosine_truncated_descent_es_ascent']:.3f}; ES "
+                  f"split-half {r['es_split_half_cosine']:.3f} at {r['es_pairs']} pairs", flush=True)
+            continue
         if args.against_pes:
             results[name] = r = measure_against_pes(args, name, objective_base)
             print(f"{name}: cosine truncated / PES {r['cosine_truncated_pes']:.3f}; even/odd steps: truncated "

@@ -96,3 +96,14 @@ def test_tiny_run_against_pes_writes_its_cosines(tmp_path):
     cosines = [result["cosine_truncated_pes"], *result["even_odd_cosine"].values()]
     assert all(np.isfinite(c) and -1 <= c <= 1 for c in cosines), result
     assert result["measure_steps"] == 4 and result["num_agents"] == 4
+
+
+def test_tiny_run_against_es_writes_its_cosines(tmp_path):
+    """--against-es at a tiny budget (one round of 32 pairs, 2 agents, short lifetimes): finite cosines in [-1, 1]."""
+    args = dataclasses.replace(TINY, out=str(tmp_path / "es.json"), against_es=True, measure_steps=2, es_pairs=32,
+                               es_seeds=2, es_steps=320)
+    mgs.main(args, dataclasses.replace(BASE, eval_envs=2))
+    result = json.load(open(args.out))["objectives"]["default"]
+    cosines = [result["cosine_truncated_descent_es_ascent"], result["es_split_half_cosine"]]
+    assert all(np.isfinite(c) and -1 <= c <= 1 for c in cosines), result
+    assert result["es_pairs"] == 32
