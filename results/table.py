@@ -3,9 +3,10 @@
     python results/table.py           # print the tables
     python results/table.py --write   # rewrite them in place, between <!-- table:NAME --> ... <!-- /table:NAME -->
 
-Each gridworld file is the eval.json of one `train_lopt.py --eval-only` run (its command is in FILES), each Brax
-file the summary.json of one `eval_brax.py` run (BRAX_FILES); the statistics are recomputed here from the per-seed
-final returns, never copied from the file. Each file in meta_screens/ holds the rows of one meta-training run's
+Each gridworld file is the eval.json of one `train_lopt.py --eval-only` run (its command is in FILES); brax/<task>/
+holds the runs of `eval_brax.py --protocol` (BRAX_PROTOCOL) and each older Brax file the summary.json of one
+`eval_brax.py` run (BRAX_FILES); the statistics are recomputed here from the per-seed returns, never copied from
+the file. Each file in meta_screens/ holds the rows of one meta-training run's
 metrics.csv where validation was measured (its flags are in SCREENS; the ES pilot's file is its own csv).
 """
 
