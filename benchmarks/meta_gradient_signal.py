@@ -143,16 +143,20 @@ def make_per_agent(args: tl.Args, task: tl.Task, net):
     return init, forward, with_grads
 
 
+def objective_settings(args: Args, objective: str, base: tl.Args, **extra) -> tuple[tl.Args, dict]:
+    """(train_lopt settings of the objective's agents, the optimizer parameters held fixed): --lopt-path's, with its
+    own network and step settings, or meta-step 0's of --seed."""
+    agent_args = dataclasses.replace(base, **OBJECTIVES[objective], num_agents=args.num_agents, seed=args.seed, **extra)
+    if not args.lopt_path:
+        return agent_args, tl.initial_lopt_params(agent_args)
+    checkpoint = tl.read_optimizer_checkpoint(args.lopt_path)
+    return dataclasses.replace(agent_args, **checkpoint["config"]), checkpoint["params"]
+
+
 def measure(args: Args, objective: str, base: tl.Args, log=print) -> dict:
     """The objective's split-half cosines; base: train_lopt's settings for agents and optimizer (from main: its
     defaults with SMALL_BATCH envs per agent)."""
-    agent_args = dataclasses.replace(base, **OBJECTIVES[objective], num_agents=args.num_agents, seed=args.seed)
-    if args.lopt_path:  # its own network and step settings
-        checkpoint = tl.read_optimizer_checkpoint(args.lopt_path)
-        agent_args = dataclasses.replace(agent_args, **checkpoint["config"])
-        lopt_params = checkpoint["params"]
-    else:
-        lopt_params = tl.initial_lopt_params(agent_args)
+    agent_args, lopt_params = objective_settings(args, objective, base)
     net = tl.make_lopt_net(tl.lopt_config(agent_args))
     warmup = agent_args.reset_interval if args.warmup_steps is None else args.warmup_steps
     key = jax.random.PRNGKey(args.seed)
@@ -202,14 +206,7 @@ def measure_against_pes(args: Args, objective: str, base: tl.Args, log=print) ->
     each of --measure-steps meta-steps, the PES estimate and the truncated meta-gradient of the same agents (summed
     over tasks) are kept. Reported: the cosine between their means over the measured steps, and for each the cosine
     between its means over the even and the odd steps (near 0: at this size it is noise, and so is the first)."""
-    agent_args = dataclasses.replace(base, **OBJECTIVES[objective], num_agents=args.num_agents, seed=args.seed,
-                                     meta_grad="pes", pes_sigma=args.pes_sigma)
-    if args.lopt_path:
-        checkpoint = tl.read_optimizer_checkpoint(args.lopt_path)
-        agent_args = dataclasses.replace(agent_args, **checkpoint["config"])
-        lopt_params = checkpoint["params"]
-    else:
-        lopt_params = tl.initial_lopt_params(agent_args)
+    agent_args, lopt_params = objective_settings(args, objective, base, meta_grad="pes", pes_sigma=args.pes_sigma)
     meta = tl.make_meta_train(agent_args, tuple(args.tasks))
     warmup = agent_args.reset_interval if args.warmup_steps is None else args.warmup_steps
     state = meta.init(jax.random.PRNGKey(args.seed))
@@ -272,13 +269,7 @@ def measure_against_es(args: Args, objective: str, base: tl.Args, log=print) -> 
     round, so that reward scales do not weight it. Reported: the cosine between the ES estimate and the descent
     direction of the truncated meta-gradient of the objective's meta-loss (its mean over --measure-steps meta-steps
     at the same parameters), and the ES estimate's split-half cosine (even pairs against odd ones)."""
-    agent_args = dataclasses.replace(base, **OBJECTIVES[objective], num_agents=args.num_agents, seed=args.seed)
-    if args.lopt_path:
-        checkpoint = tl.read_optimizer_checkpoint(args.lopt_path)
-        agent_args = dataclasses.replace(agent_args, **checkpoint["config"])
-        lopt_params = checkpoint["params"]
-    else:
-        lopt_params = tl.initial_lopt_params(agent_args)
+    agent_args, lopt_params = objective_settings(args, objective, base)
     start = time.time()
     warmup = agent_args.reset_interval if args.warmup_steps is None else args.warmup_steps
     truncated = truncated_mean_grad(agent_args, lopt_params, args.tasks, warmup, args.measure_steps, args.seed)
