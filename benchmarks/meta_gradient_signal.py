@@ -13,10 +13,14 @@ halves of m agents is about 1 / (1 + r / m), r = s2 / |mu|^2: `agents_for` reads
 and says how many agents per task a meta-step would need for a given cosine.
 
 Each objective is a set of train_lopt.py flags on top of its defaults with 4 envs per agent (its default batch
-before 2026-12-03): the default meta-loss (policy term in TD units), the paper's A2C loss, and the default with
-the evaluation's batch per agent (32 envs, 8x as many: train_lopt's default since).
-Whether the direction the population agrees on points uphill is a separate question (an ES estimate of the
-return's gradient; not measured here).
+before 2026-12-03): the default meta-loss (policy term in TD units), the paper's A2C loss, the default with the
+evaluation's batch per agent (32 envs, 8x as many: train_lopt's default since), and that with aligned lifetimes.
+
+Whether the direction the population agrees on points uphill on what validation scores is measured three ways:
+--along (the validation's rise from steps along the truncated meta-gradient, against random directions: one
+number per direction, so a few dozen agents resolve it), --against-es (the cosine with an ES estimate of the whole
+gradient: needs thousands of lifetimes per estimate) and --against-pes (the lifetime-unbiased gradient of the same
+meta-loss).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ OBJECTIVES = {  # name -> train_lopt.Args fields that differ from its defaults (
     "default": {},
     "paper": dict(meta_value_coef=0.5, meta_loss_scale="raw"),
     "eval_batch": dict(num_envs=32),  # the default with the evaluation's batch: 32 envs x 20 steps per update
+    # eval_batch with lifetimes past a 1e6 evaluation's 1,562 updates and the step's size left to meta-training
+    "aligned": dict(num_envs=32, reset_interval=400, normalize_step=False),
 }
 TASKS = (*GRIDWORLDS, "catch")
 
@@ -77,11 +83,24 @@ class Args:
     """--against-es: agents per task and ES member (the same for every member)"""
     es_sigma: float = 0.03
     es_steps: int = 100_000
-    """--against-es: env steps of each agent's lifetime (the validation's)"""
+    """--against-es and --along: env steps of each agent's lifetime (the validation's)"""
     es_seconds: float = 1800.0
     """--against-es: stop adding pairs (32 at a time) after this many seconds"""
+    along: bool = False
+    """instead of split-half cosines: the validation objective's rise from steps along the truncated meta-gradient
+    and along random directions (measure_along)"""
+    along_seeds: int = 32
+    """--along: agents per task, the same for every evaluation"""
+    along_steps: tuple[int, ...] = (10, 30)
+    """--along: step lengths, in meta-steps of full size (meta-lr x sqrt(parameters) each)"""
+    random_directions: int = 4
+    """--along: random unit directions, the control"""
     seed: int = 0
     out: str = "results/meta_gradient_signal.json"
+
+
+def cosine(a, b) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
 def split_half_cosines(grads: np.ndarray, size: int, splits: int, rng: np.random.Generator) -> np.ndarray:
@@ -234,9 +253,6 @@ def measure_against_pes(args: Args, objective: str, base: tl.Args, log=print) ->
     if not all(np.all(np.isfinite(g)) for g in grads.values()):
         raise UserError(f"{objective}: non-finite meta-gradients; nothing written")
 
-    def cosine(a, b):
-        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
-
     return {"flags": OBJECTIVES[objective], "num_agents": args.num_agents, "pes_sigma": args.pes_sigma,
             "warmup_steps": warmup, "measure_steps": args.measure_steps,
             "cosine_truncated_pes": cosine(grads["truncated"].mean(0), grads["pes"].mean(0)),
@@ -260,20 +276,10 @@ def truncated_mean_grad(agent_args: tl.Args, lopt_params, tasks, warmup: int, st
     return total / steps
 
 
-def measure_against_es(args: Args, objective: str, base: tl.Args, log=print) -> dict:
-    """Does the truncated meta-gradient point uphill on what validation scores? The gradient of the validation
-    objective (mean final return of fresh agents over whole lifetimes at the evaluation's batch and --es-steps env
-    steps, both tasks) with respect to the optimizer's parameters is estimated by antithetic ES (--es-pairs
-    perturbations of std --es-sigma, the same --es-seeds agents for every member), in rounds of 32 pairs until
-    --es-seconds have passed; each task's return differences are divided by that task's return spread in the first
-    round, so that reward scales do not weight it. Reported: the cosine between the ES estimate and the descent
-    direction of the truncated meta-gradient of the objective's meta-loss (its mean over --measure-steps meta-steps
-    at the same parameters), and the ES estimate's split-half cosine (even pairs against odd ones)."""
-    agent_args, lopt_params = objective_settings(args, objective, base)
-    start = time.time()
-    warmup = agent_args.reset_interval if args.warmup_steps is None else args.warmup_steps
-    truncated = truncated_mean_grad(agent_args, lopt_params, args.tasks, warmup, args.measure_steps, args.seed)
-    log(f"  {objective}: truncated meta-gradient over {args.measure_steps} meta-steps, {time.time() - start:.0f}s")
+def validation_fitness(args: Args, agent_args: tl.Args, lopt_params):
+    """(flat parameters, {task: fitness(agent_keys, members [M, P]) -> final returns [M, seeds]}): the validation
+    objective as a function of the optimizer's flat parameters: fresh agents trained for --es-steps env steps at the
+    evaluation's batch, scored by the evaluation's final return (the episodes of the last 10%)."""
     flat, unravel = ravel_pytree(lopt_params)
     net = tl.make_lopt_net(tl.lopt_config(agent_args))
     eval_args = dataclasses.replace(agent_args, num_envs=agent_args.eval_envs)
@@ -286,14 +292,30 @@ def measure_against_es(args: Args, objective: str, base: tl.Args, log=print) -> 
         train = tl.make_a2c_train(tl.Task.make(name, eval_args), make_tx,
                                   args.es_steps // (agent_args.rollout_steps * agent_args.eval_envs))
 
-        def final_return(key, flat_params):  # the evaluation's final return: the episodes of the last 10%
+        def final_return(key, flat_params):
             return_sum, return_count = train(key, flat_params)
             tail = max(1, int(round(return_sum.shape[0] * tl.FINAL_FRACTION)))
             return return_sum[-tail:].sum() / jnp.maximum(return_count[-tail:].sum(), 1)
 
         return jax.jit(jax.vmap(jax.vmap(final_return, (0, None)), (None, 0)))  # [members, seeds]
 
-    fitness_fns = {name: fitness(name) for name in args.tasks}
+    return flat, {name: fitness(name) for name in args.tasks}
+
+
+def measure_against_es(args: Args, objective: str, base: tl.Args, log=print) -> dict:
+    """Does the truncated meta-gradient point uphill on what validation scores? The gradient of the validation
+    objective (validation_fitness, both tasks) with respect to the optimizer's parameters is estimated by antithetic
+    ES (--es-pairs perturbations of std --es-sigma, the same --es-seeds agents for every member), in rounds of 32
+    pairs until --es-seconds have passed; each task's return differences are divided by that task's return spread
+    in the first round, so that reward scales do not weight it. Reported: the cosine between the ES estimate and the
+    descent direction of the truncated meta-gradient of the objective's meta-loss (its mean over --measure-steps
+    meta-steps at the same parameters), and the ES estimate's split-half cosine (even pairs against odd ones)."""
+    agent_args, lopt_params = objective_settings(args, objective, base)
+    start = time.time()
+    warmup = agent_args.reset_interval if args.warmup_steps is None else args.warmup_steps
+    truncated = truncated_mean_grad(agent_args, lopt_params, args.tasks, warmup, args.measure_steps, args.seed)
+    log(f"  {objective}: truncated meta-gradient over {args.measure_steps} meta-steps, {time.time() - start:.0f}s")
+    flat, fitness_fns = validation_fitness(args, agent_args, lopt_params)
     key = jax.random.PRNGKey(args.seed + 2000)  # agents apart from validation's and evaluation's streams
     key, key_agents = jax.random.split(key)
     agent_keys = jax.random.split(key_agents, args.es_seeds)
@@ -312,10 +334,6 @@ def measure_against_es(args: Args, objective: str, base: tl.Args, log=print) -> 
             f"{time.time() - start:.0f}s")
     contributions = np.stack(contributions)
     es_grad = contributions.mean(0)
-
-    def cosine(a, b):
-        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
-
     return {"flags": OBJECTIVES[objective], "num_agents": args.num_agents, "measure_steps": args.measure_steps,
             "es_pairs": len(contributions), "es_seeds": args.es_seeds, "es_sigma": args.es_sigma,
             "es_steps": args.es_steps,
@@ -324,8 +342,105 @@ def measure_against_es(args: Args, objective: str, base: tl.Args, log=print) -> 
             "seconds": time.time() - start}
 
 
+def rise_along(plus: dict, minus: dict, at: dict, samples: int = 10_000, seed: int = 0) -> dict:
+    """The validation's rise from a step along a direction, from paired returns {task: [seeds]} at theta + step,
+    theta - step and theta (the same agents at all three: common random numbers): per task, the mean over seeds of
+    (J+ - J-) / 2 relative to |mean J(theta)|, then the mean over tasks; with its standard error and a 95%
+    stratified-bootstrap interval (each task's seeds resampled)."""
+    halves = [(np.asarray(plus[t], np.float64) - np.asarray(minus[t], np.float64))
+              / (2 * (abs(float(np.mean(at[t]))) + 1e-8)) for t in at]
+    rng = np.random.default_rng(seed)
+    resampled = np.mean([h[rng.integers(0, h.size, (samples, h.size))].mean(1) for h in halves], 0)
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    stderr = np.sqrt(sum(h.var(ddof=1) / h.size for h in halves)) / len(halves)
+    return {"rise": float(np.mean([h.mean() for h in halves])), "stderr": float(stderr),
+            "interval": [float(low), float(high)]}
+
+
+def along_directions(evaluate, flat: np.ndarray, directions: dict, step: float, baseline: dict) -> dict:
+    """{direction: rise_along(...)} for unit directions {name: [P]} at a step of length `step`; evaluate(members
+    [M, P]) -> {task: returns [M, seeds]} on the same agents for every member; baseline: {task: returns [seeds]}
+    at flat."""
+    names = list(directions)
+    offsets = np.stack([step * directions[n] for n in names])
+    returns = evaluate(np.concatenate([flat + offsets, flat - offsets]))
+    m = len(names)
+    return {n: rise_along({t: r[i] for t, r in returns.items()}, {t: r[m + i] for t, r in returns.items()},
+                          baseline) for i, n in enumerate(names)}
+
+
+def implied_cosine(rise: float, random_rises: list[dict], dim: int) -> float | None:
+    """A low estimate of the cosine between a direction and the validation objective's gradient: along a random unit
+    direction the rise is |grad| step u.g, whose mean square is (|grad| step)^2 / dim; the measured mean square
+    adds the measurement's noise, so dividing by it underestimates |grad|'s share in the direction's rise."""
+    if len(random_rises) < 2:
+        return None
+    rms = float(np.sqrt(np.mean([r["rise"] ** 2 for r in random_rises])))
+    return float(np.clip(rise / (np.sqrt(dim) * rms + 1e-30), -1.0, 1.0))
+
+
+def measure_along(args: Args, objective: str, base: tl.Args, shared: dict, log=print) -> dict:
+    """Does a step along the truncated meta-gradient raise what validation scores? At the optimizer's fixed
+    parameters theta, the validation objective (validation_fitness, both tasks, --along-seeds agents shared by every
+    evaluation) is measured at theta +- step d for d: the truncated meta-gradient's descent direction (its mean over
+    --measure-steps meta-steps, as in --against-es), meta-Adam's first step from it (-sign g: every coordinate
+    moves by the meta-lr), and --random-directions random unit directions, the control that says how large a rise
+    chance gives. Steps are --along-steps meta-steps of full size (each meta-lr x sqrt(P) long). Evaluations that
+    do not depend on the meta-loss (theta, the random directions) are shared by objectives with the same
+    validation settings through `shared`."""
+    agent_args, lopt_params = objective_settings(args, objective, base)
+    start = time.time()
+    warmup = agent_args.reset_interval if args.warmup_steps is None else args.warmup_steps
+    truncated = truncated_mean_grad(agent_args, lopt_params, args.tasks, warmup, args.measure_steps, args.seed)
+    log(f"  {objective}: truncated meta-gradient over {args.measure_steps} meta-steps, {time.time() - start:.0f}s")
+    validation = (repr(tl.lopt_config(agent_args)), agent_args.lopt_lr, agent_args.grad_clip,
+                  agent_args.normalize_step, agent_args.eval_envs, agent_args.rollout_steps,
+                  np.asarray(ravel_pytree(lopt_params)[0]).tobytes())
+    if validation not in shared:
+        flat, fitness_fns = validation_fitness(args, agent_args, lopt_params)
+        agent_keys = jax.random.split(jax.random.PRNGKey(args.seed + 3000), args.along_seeds)  # apart from --against-es
+
+        dtype = flat.dtype
+
+        def evaluate(members):  # members in chunks of 8, so memory stays that of 8 x --along-seeds agents
+            members = jnp.asarray(members, dtype)
+            return {name: np.concatenate([np.asarray(fn(agent_keys, members[i:i + 8]), np.float64)
+                                          for i in range(0, len(members), 8)]) for name, fn in fitness_fns.items()}
+
+        flat = np.asarray(flat, np.float64)
+        baseline = {t: r[0] for t, r in evaluate(flat[None]).items()}
+        rng = np.random.default_rng(args.seed)
+        randoms = rng.normal(size=(args.random_directions, flat.size))
+        randoms = {f"random {i}": u / np.linalg.norm(u) for i, u in enumerate(randoms)}
+        unit = agent_args.meta_lr * np.sqrt(flat.size)
+        shared[validation] = dict(flat=flat, evaluate=evaluate, baseline=baseline, unit=unit, random={
+            n: along_directions(evaluate, flat, randoms, n * unit, baseline) for n in args.along_steps})
+        log(f"  {objective}: theta and {args.random_directions} random directions, {time.time() - start:.0f}s")
+    s = shared[validation]
+    dim = s["flat"].size
+    own = {"truncated descent": -truncated / np.linalg.norm(truncated),
+           "meta-Adam's first step": -np.sign(truncated) / np.sqrt(dim)}
+    by_steps = {}
+    for n in args.along_steps:
+        rises = along_directions(s["evaluate"], s["flat"], own, n * s["unit"], s["baseline"])
+        random_rises = list(s["random"][n].values())
+        by_steps[str(n)] = {"step_length": n * s["unit"], **rises, "random": random_rises,
+                            "implied_cosine": {d: implied_cosine(r["rise"], random_rises, dim)
+                                               for d, r in rises.items()}}
+    log(f"  {objective}: along the truncated meta-gradient, {time.time() - start:.0f}s")
+    return {"flags": OBJECTIVES[objective], "num_agents": args.num_agents, "measure_steps": args.measure_steps,
+            "along_seeds": args.along_seeds, "es_steps": args.es_steps, "parameters": dim,
+            "cosine_descent_meta_adam": cosine(own["truncated descent"], own["meta-Adam's first step"]),
+            "final_return_at_theta": {t: float(np.mean(r)) for t, r in s["baseline"].items()},
+            "by_meta_steps": by_steps, "seconds": time.time() - start}
+
+
 def main(args: Args, base: tl.Args | None = None) -> None:
-    check_args(args, positive=("num_agents", "measure_steps", "splits"), non_negative=("warmup_steps",))
+    check_args(args, positive=("num_agents", "measure_steps", "splits", "along_seeds"),
+               non_negative=("warmup_steps", "random_directions"))
+    if args.along and (args.along_seeds < 2 or not args.along_steps or min(args.along_steps) <= 0):
+        raise UserError(f"--along needs --along-seeds >= 2 (got {args.along_seeds}) and --along-steps > 0 "
+                        f"(got {' '.join(map(str, args.along_steps)) or 'none'})")
     check_choices("--objectives", args.objectives, OBJECTIVES)
     check_choices("--tasks", args.tasks, TASKS)
     for size in args.sizes:
@@ -333,9 +448,18 @@ def main(args: Args, base: tl.Args | None = None) -> None:
             raise UserError(f"--sizes {size}: each must be even, >= 2 and at most --num-agents {args.num_agents}")
     if args.lopt_path:
         tl.read_optimizer_checkpoint(args.lopt_path)  # a missing or foreign file: its one-line error, now
-    results = {}
+    results, shared = {}, {}
     for name in args.objectives:
         objective_base = base or dataclasses.replace(tl.Args(), num_envs=SMALL_BATCH)
+        if args.along:
+            results[name] = r = measure_along(args, name, objective_base, shared)
+            for n, at in r["by_meta_steps"].items():
+                own = ", ".join(f"{d} {at[d]['rise']:+.4f} ± {at[d]['stderr']:.4f}"
+                                for d in ("truncated descent", "meta-Adam's first step"))
+                chance = ", ".join(f"{x['rise']:+.4f}" for x in at["random"])
+                print(f"{name}, a step of {n} meta-steps: validation rise along {own}; along random directions "
+                      f"{chance}", flush=True)
+            continue
         if args.against_es:
             results[name] = r = measure_against_es(args, name, objective_base)
             print(f"{name}: cosine truncated descent / ES ascent {r['cosine_truncated_descent_es_ascent']:.3f}; ES "

@@ -75,6 +75,8 @@ def test_tiny_run_writes_its_cosines(tmp_path):
     (dict(tasks=("big_maze",)), "--tasks big_maze: unknown"),
     (dict(sizes=(3,)), "--sizes 3: each must be even"),
     (dict(sizes=(8,)), "at most --num-agents 4"),
+    (dict(along=True, along_steps=(0,)), "--along-steps > 0 (got 0)"),
+    (dict(along=True, along_seeds=1), "--along-seeds >= 2 (got 1)"),
     (dict(lopt_path="nowhere.msgpack"), "nowhere.msgpack"),
 ])
 def test_bad_input_is_a_one_line_error(flags, named, tmp_path, capsys):
@@ -107,3 +109,63 @@ def test_tiny_run_against_es_writes_its_cosines(tmp_path):
     cosines = [result["cosine_truncated_descent_es_ascent"], result["es_split_half_cosine"]]
     assert all(np.isfinite(c) and -1 <= c <= 1 for c in cosines), result
     assert result["es_pairs"] == 32
+
+
+def test_along_directions_recovers_a_known_gradient_and_its_cosine():
+    """On a linear objective J = 10 + g.theta with per-seed noise that is the same for every member (common random
+    numbers), the rise along a unit direction d is step g.d / 10 exactly, and the cosine read off random directions
+    is, for many of them, about the true one and not above it."""
+    rng = np.random.default_rng(0)
+    dim, seeds = 64, 16
+    gradient = rng.normal(size=dim)
+    seed_noise = rng.normal(size=seeds)
+
+    def evaluate(members):
+        return {"task": 10.0 + (members @ gradient)[:, None] + seed_noise[None, :]}  # [members, seeds]
+
+    flat = np.zeros(dim)
+    d = gradient / np.linalg.norm(gradient) + rng.normal(size=dim) * 0.1
+    d /= np.linalg.norm(d)
+    randoms = rng.normal(size=(256, dim))
+    directions = {"d": d, **{f"random {i}": u / np.linalg.norm(u) for i, u in enumerate(randoms)}}
+    baseline = {t: r[0] for t, r in evaluate(flat[None]).items()}
+    rises = mgs.along_directions(evaluate, flat, directions, 0.5, baseline)
+    expected = 0.5 * gradient @ d / np.abs(np.mean(baseline["task"]))
+    assert rises["d"]["rise"] == pytest.approx(expected, rel=1e-9)
+    assert rises["d"]["stderr"] < 1e-9 and rises["d"]["interval"][0] == pytest.approx(expected, rel=1e-6)
+    random_rises = [r for n, r in rises.items() if n != "d"]
+    estimate = mgs.implied_cosine(rises["d"]["rise"], random_rises, dim)
+    true = mgs.cosine(d, gradient)
+    assert 0.8 * true < estimate <= 1.0 and estimate < 1.2 * true
+    assert mgs.implied_cosine(rises["d"]["rise"], random_rises[:1], dim) is None  # one control says nothing
+
+
+def test_rise_along_spreads_with_seed_noise_and_its_interval_covers_it():
+    """Noise that differs between the two members (no common random numbers) widens the interval by the
+    standard error it implies; the interval covers the true rise."""
+    rng = np.random.default_rng(1)
+    plus = {"a": 1.1 + rng.normal(size=400) * 0.1, "b": 2.2 + rng.normal(size=400) * 0.2}
+    minus = {"a": 0.9 + rng.normal(size=400) * 0.1, "b": 1.8 + rng.normal(size=400) * 0.2}
+    at = {"a": np.ones(400), "b": 2 * np.ones(400)}
+    r = mgs.rise_along(plus, minus, at)
+    assert r["rise"] == pytest.approx(0.1, abs=3 * r["stderr"])
+    # each task's half-difference has variance 0.005 (a: 2 x 0.1^2 / 2^2; b: 2 x 0.2^2 / 4^2); two tasks averaged
+    assert r["stderr"] == pytest.approx(np.sqrt(2 * 0.005 / 400) / 2, rel=0.15)
+    assert r["interval"][0] < 0.1 < r["interval"][1]
+
+
+def test_tiny_run_along_writes_its_rises(tmp_path):
+    """--along at a tiny budget: finite rises for both own directions and every random one, at each step length,
+    and objectives with the same validation settings share theta's and the random directions' evaluations."""
+    args = dataclasses.replace(TINY, out=str(tmp_path / "along.json"), objectives=("default", "paper"), along=True,
+                               measure_steps=2, along_seeds=2, along_steps=(10, 30), random_directions=2,
+                               es_steps=320)
+    mgs.main(args, dataclasses.replace(BASE, eval_envs=2))
+    results = json.load(open(args.out))["objectives"]
+    for result in results.values():
+        for at in result["by_meta_steps"].values():
+            rises = [at["truncated descent"], at["meta-Adam's first step"], *at["random"]]
+            assert len(rises) == 4 and all(np.isfinite(r["rise"]) and np.isfinite(r["stderr"]) for r in rises)
+    assert results["default"]["by_meta_steps"]["10"]["random"] == results["paper"]["by_meta_steps"]["10"]["random"]
+    assert results["default"]["by_meta_steps"]["30"]["step_length"] == pytest.approx(
+        3 * results["default"]["by_meta_steps"]["10"]["step_length"])
