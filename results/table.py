@@ -110,10 +110,21 @@ HEADROOM_LABELS = {"schedule": "decaying lr (lr, tau picked once for both horizo
 # benchmarks/meta_gradient_signal.py's files -> their commands' flags
 SIGNAL_FILES = {"meta_gradient_signal.json": "",
                 "meta_gradient_signal_eval_batch.json": "--objectives eval_batch --num-agents 16 --sizes 4 8 16 "
-                                                        "--out results/meta_gradient_signal_eval_batch.json"}
+                                                        "--out results/meta_gradient_signal_eval_batch.json",
+                "meta_gradient_signal_aligned.json": "--objectives aligned --num-agents 16 --sizes 4 8 16 "
+                                                     "--out results/meta_gradient_signal_aligned.json"}
 SIGNAL_LABELS = {"default": "policy term in TD units, 4 envs per agent",
                  "paper": "the paper's A2C loss, 4 envs per agent",
-                 "eval_batch": "policy term in TD units, the evaluation's 32 envs per agent (the default)"}
+                 "eval_batch": "policy term in TD units, the evaluation's 32 envs per agent (the default)",
+                 "aligned": "the default with lifetimes of 400 meta-steps and the step's size learned "
+                            "(`--reset-interval 400 --no-normalize-step`)"}
+ALONG = "--along --num-agents 16 --sizes 16 --measure-steps 16"
+ALONG_FILES = {  # benchmarks/meta_gradient_signal.py --along files -> their commands' flags
+    "meta_gradient_along.json": f"{ALONG} --objectives eval_batch paper default --out results/meta_gradient_along.json",
+    "meta_gradient_along_aligned.json": f"{ALONG} --objectives aligned --out results/meta_gradient_along_aligned.json",
+    "meta_gradient_along_shipped.json": f"{ALONG} --objectives eval_batch --lopt-path "
+                                        "checkpoints/optim4rl_gridworld.msgpack --out "
+                                        "results/meta_gradient_along_shipped.json"}
 TABLES = {  # table name -> result files, in row order
     "gridworld": ["gridworld_shipped_1e5.json", "gridworld_shipped_1e6.json"],
     "gridworld-previous": ["gridworld_previous_1e5.json", "gridworld_previous_1e6.json"],
@@ -546,11 +557,53 @@ def signal_table() -> str:
     lines.append("")
     lines.append("Cosine between the meta-gradients of two disjoint halves of a population (agents per task; mean over "
                  "64 random splits x 8 meta-steps ± the standard error over meta-steps), at the optimizer's meta-step-0 "
-                 "parameters, both small grids, the pipeline filled first (64 meta-steps). `agents for`: agents per task "
+                 "parameters, both small grids, the pipeline filled first (one reset interval: 64 meta-steps, 400 for "
+                 "the aligned lifetimes). `agents for`: agents per task "
                  "a meta-step needs for that cosine between its halves, extrapolated from the largest population "
                  "(none: no agreement measured). Cost: wall time on the 2 cores, shared with one other run. Commands: "
                  + "; ".join(f"`{('python benchmarks/meta_gradient_signal.py ' + SIGNAL_FILES[f]).strip()}`"
                              for f in present)
+                 + ". Files: " + ", ".join(f"[results/{f}](results/{f})" for f in present) + ".")
+    return "\n".join(lines)
+
+
+def along_table() -> str:
+    """The validation's rise from steps along the truncated meta-gradient and along random directions."""
+    present = [f for f in ALONG_FILES if os.path.exists(os.path.join(HERE, f))]
+    if not present:
+        return "_(no result files yet)_"
+
+    def rise(r):
+        return f"{r['rise']:+.3f} [{r['interval'][0]:+.3f}, {r['interval'][1]:+.3f}]"
+
+    lines = ["| objective | optimizer held fixed | step, in meta-steps | along the truncated descent | along meta-Adam's "
+             "first step | along random directions | cosine with the gradient, rough | cost |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name in present:
+        with open(os.path.join(HERE, name)) as f:
+            report = json.load(f)
+        held = "meta-step 0 (sign-SGD)" if report["lopt_path"] is None else f"`{report['lopt_path']}`"
+        for objective, r in report["objectives"].items():
+            for steps, at in r["by_meta_steps"].items():
+                cosine, meta_adam = at["implied_cosine"]["truncated descent"], at["meta-Adam's first step"]
+                lines.append(f"| {SIGNAL_LABELS[objective]} | {held} | {steps} | {rise(at['truncated descent'])} | "
+                             f"{rise(meta_adam)} | "
+                             + ", ".join(f"{x['rise']:+.3f}" for x in at["random"])
+                             + f" | {'' if cosine is None else f'{cosine:.2f}'} | {r['seconds'] / 60:.0f} min |")
+    lines.append("")
+    lines.append("Rise of the validation objective (final return of fresh agents over 1e5-step lifetimes at the "
+                 "evaluation's batch, relative to its value at the held parameters, mean of both small grids) from a "
+                 "step of the given length along each direction: (J(θ + step) − J(θ − step)) / 2, the same 32 agents "
+                 "per task at every point, [95% stratified-bootstrap interval over agents]. The truncated descent is "
+                 "the direction of the mean truncated meta-gradient (16 agents per task, 16 meta-steps after the "
+                 "pipeline is filled); meta-Adam's first step moves every coordinate by the meta-lr in its sign; a "
+                 "meta-step's length is meta-lr x sqrt(parameters). Random directions are the control: a rise chance "
+                 "gives at that step. Cosine, rough: the truncated descent's rise over sqrt(parameters) x the random "
+                 "directions' RMS rise, whose square is |gradient|^2 step^2 / parameters plus the measurement's noise "
+                 "(from 4 random directions, known within a factor of about 3). Cost: wall time on the 2 cores, "
+                 "shared with a Brax run; objectives with the same validation settings share the evaluations at θ "
+                 "and along the random directions, whose cost the first of them carries. Commands: "
+                 + "; ".join(f"`python benchmarks/meta_gradient_signal.py {ALONG_FILES[f]}`" for f in present)
                  + ". Files: " + ", ".join(f"[results/{f}](results/{f})" for f in present) + ".")
     return "\n".join(lines)
 
@@ -560,7 +613,8 @@ def tables() -> dict[str, str]:
             "gridworld-previous": gridworld_table(TABLES["gridworld-previous"]),
             "gridworld-2026-11-25": gridworld_table(TABLES["gridworld-2026-11-25"]),
             "gridworld-headroom": headroom_table(),
-            "meta-gradient-signal": signal_table(), "brax": brax_table(), "brax-summary": brax_summary_table(),
+            "meta-gradient-signal": signal_table(), "meta-gradient-along": along_table(),
+            "brax": brax_table(), "brax-summary": brax_summary_table(),
             "brax-same-seed-selection": brax_untuned_selection_table(),
             "meta-screens": screens_table(), "policy-only-seeds": seeds_table(SEED_FILES),
             "envs-32-seeds": seeds_table(ENVS_32_FILES), "envs-32-seeds-1e6": seeds_table(ENVS_32_1E6_FILES),
