@@ -1589,7 +1589,11 @@ def plot_metrics(csv_path: str, png_path: str) -> None:
 
 
 def format_lr(lr) -> str:
-    return "" if lr is None else f"{lr:.0e}".replace("e-0", "e-")
+    """3e-3, 3.33e-3: the digits an extended grid's lr has, none more."""
+    if lr is None:
+        return ""
+    mantissa, exponent = f"{lr:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def format_eval_table(results: dict, lopt_step: int, args: Args) -> str:
