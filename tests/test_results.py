@@ -130,6 +130,8 @@ def test_brax_protocol_files_hold_what_the_protocol_says(task):
         assert run["env_steps"][0] == 0 and run["env_steps"][-1] == protocol["env_steps_per_seed"]
         np.testing.assert_array_equal(run["returns"][:, -1], run["final_returns"])
         initial = run["returns"][:, 0] if initial is None else initial
-        np.testing.assert_allclose(run["returns"][:, 0], initial, rtol=1e-4)  # the same seeds: the same networks
+        # The same seeds: the same networks. Not bit for bit: hopper's contacts amplify the float rounding that differs
+        # between compiled programs (6e-4 measured), while two different seeds' untrained returns differ by more than 1e-2.
+        np.testing.assert_allclose(run["returns"][:, 0], initial, rtol=1e-2)
     with open(os.path.join(REPO, protocol["lopt_path"]), "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == protocol["lopt_sha256"]
