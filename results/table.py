@@ -469,6 +469,33 @@ def plot_screens(path: str) -> None:
     plt.close(fig)
 
 
+def plot_meta_grad(path: str) -> None:
+    """`--meta-grad truncated` (the default) against `pes` on meta-seed 0: validation by meta-step and by wall
+    time (each run shared the 2 cores with one other job; the controlled cost ratio is benchmarks/bench_meta_grad.py's)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (step_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    for i, (name, label) in enumerate({"envs_32.csv": "truncated (default)", "meta_grad_pes.csv": "pes"}.items()):
+        with open(os.path.join(HERE, "meta_screens", name)) as f:
+            rows = [r for r in csv.DictReader(f) if r["val_score"] != ""]
+        minutes = (np.array([float(r["time"]) for r in rows]) - float(rows[0]["time"])) / 60
+        steps, scores = load_screen(name)
+        step_ax.plot(steps, scores, color=f"C{i}", label=label)
+        time_ax.plot(minutes, scores, color=f"C{i}", label=label)
+    for ax in (step_ax, time_ax):
+        ax.axhline(1.0, color="gray", lw=1, ls=":", label="tuned Adam")
+    step_ax.set(xlabel="meta-step", ylabel="validation score (1 = tuned Adam)")
+    time_ax.set(xlabel="wall minutes, 2 cores (each run beside one other job)")
+    time_ax.legend(fontsize=8)
+    fig.suptitle("meta-gradient estimators, meta-seed 0, 8 agents per task", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_seed_runs(runs: dict[str, int], path: str) -> None:
     """A recipe on 3 meta-seeds: validation score and the learned step relative to sign-SGD's."""
     import matplotlib
@@ -654,6 +681,7 @@ def main(argv: list[str]) -> None:
         print(f"rewrote {', '.join(blocks(text)) or 'no tables'} in {document}")
     plot_screens(os.path.join(REPO, "docs", "meta_screens.png"))
     plot_seed_runs(DEFAULT_RUNS, os.path.join(REPO, "docs", "meta_training_default.png"))
+    plot_meta_grad(os.path.join(REPO, "docs", "meta_grad_pes.png"))
     plot_brax(os.path.join(REPO, "docs", "brax_protocol.png"))
 
 
