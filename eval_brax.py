@@ -133,7 +133,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "inverted_pendulum": dict(_LOCOMOTION, **_CPU, total_timesteps=300_000),
         "inverted_double_pendulum": dict(_LOCOMOTION, **_CPU, total_timesteps=400_000),
         "hopper": dict(_LOCOMOTION, **_CPU, total_timesteps=300_000),
-        "ant": dict(_LOCOMOTION, **_CPU, total_timesteps=300_000),
+        "ant": dict(_LOCOMOTION, **_CPU, total_timesteps=1_000_000),  # below ~0.5M it only keeps its survival reward
         "walker2d": dict(_LOCOMOTION, **_CPU, total_timesteps=300_000),
         "halfcheetah": dict(_CPU, reward_scaling=1.0, discounting=0.95, entropy_cost=1e-3, unroll_length=20,
                             num_updates_per_batch=8, total_timesteps=300_000),
