@@ -391,8 +391,12 @@ def plot_brax(path: str, folder: str = os.path.join(HERE, "brax")) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks) + 0.4, 3.4), squeeze=False)
-    for ax, (task, protocol) in zip(axes[0], tasks.items()):
+    cols = min(len(tasks), 2)  # two panels a row keeps four tasks readable at the README's width
+    rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols + 0.4, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    for ax, (task, protocol) in zip(axes.flat, tasks.items()):
         lines = {"lopt": ("C3", "learned optimizer"), "sign_sgd": ("C2", "sign-SGD (its meta-step-0 self)"),
                  "adam": ("C0", "Adam, its clip"), "adam_brax": ("C7", "Adam, Brax's setting")}
         for label, (color, name) in lines.items():
@@ -403,7 +407,8 @@ def plot_brax(path: str, folder: str = os.path.join(HERE, "brax")) -> None:
             ax.fill_between(steps, curve[:, 1], curve[:, 2], color=color, alpha=0.2)
         ax.set(title=f"{task} ({protocol['backend']})", xlabel="env steps (thousands)")
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel(f"eval return, IQM [95% CI], {next(iter(tasks.values()))['num_seeds']} seeds")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"eval return, IQM [95% CI], {next(iter(tasks.values()))['num_seeds']} seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
