@@ -44,6 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from common import (
     ENV_GROUPS,
+    GRIDWORLDS,
     MAX_GRID_EXTENSIONS,
     PRETRAINED_OPTIMIZER,
     REWARD_SCALES,
@@ -80,10 +81,10 @@ class Args:
     env_group: EnvGroup = "gridworld"
     """task group: 'gridworld' (6 tasks), one gridworld name, or 'catch'; meta-training uses --meta-tasks of it, the
     final evaluation all of it"""
-    meta_tasks: Literal["small", "all"] = "small"
-    """tasks of the group that meta-training and validation use: 'small': its small gridworlds, the only ones whose
-    agents learn within a CPU-sized lifetime (a group without them uses all); 'all': every task, as in the paper.
-    The final evaluation always covers the whole group"""
+    meta_tasks: Literal["small", "all", "every"] = "small"
+    """tasks that meta-training and validation use: 'small': the group's small gridworlds, the only ones whose
+    agents learn within a CPU-sized lifetime (a group without them uses all); 'all': every task of the group, as in
+    the paper; 'every': all eight gridworlds and catch, whatever the group"""
     preset: Literal["cpu", "paper"] = "cpu"
     """'cpu': sized to finish within 30 minutes on 2 CPU cores; 'paper': 512 agents/task, 3e7 steps/task"""
     lopt: Literal["optim4rl", "l2l", "linear"] = "optim4rl"
@@ -327,43 +328,31 @@ def init_lopt_params(net: nn.Module, key: jax.Array):
 
 # --- The learned optimizer as an optax GradientTransformation, as agents use it: clip, then the network's step ---
 
-LOPT_CHUNK = 4096  # coordinates per chunk of the optimizer network in meta-training; see learned_optimizer
-
-
 class LearnedOptState(NamedTuple):
     carry: tuple[jax.Array, ...]  # per-coordinate recurrent state, each (num_coordinates, hidden_size)
 
 
 def learned_optimizer(
-    net: nn.Module, lopt_params, learning_rate: float, chunk_size: int | None = None, normalize_step: bool = False
+    net: nn.Module, lopt_params, learning_rate: float, rematerialize: bool = False, normalize_step: bool = False
 ) -> optax.GradientTransformation:
     """A learned optimizer as an optax transformation; all parameter leaves are one flat coordinate batch.
 
     normalize_step divides the network's step by its RMS over the coordinates with a non-zero gradient (the others
     do not move under Optim4RL), so the step's size is the learning rate's alone.
 
-    chunk_size=None applies the network to all coordinates at once: the fastest way to use it as an optimizer.
-    Meta-training, which differentiates through the updates, passes LOPT_CHUNK instead.
+    rematerialize (meta-training, which differentiates through the updates) puts each update under
+    jax.checkpoint: the backward pass keeps only the update's inputs and recomputes the GRU gate activations
+    (about 200 floats per coordinate), one update at a time.
     """
+    apply = jax.checkpoint(net.apply) if rematerialize else net.apply
 
     def init(params):
         return LearnedOptState(initial_carry(net, ravel_pytree(params)[0].size))
 
-    def apply_one(coordinate):  # (carry rows, g) of one coordinate; vmapped over a chunk by lax.map
-        carry, g = coordinate
-        carry, direction = net.apply(lopt_params, tuple(c[None] for c in carry), g[None])
-        return tuple(c[0] for c in carry), direction[0]
-
     def update(grads, state, params=None):
         del params
         flat, unravel = ravel_pytree(grads)
-        if chunk_size is None:
-            carry, direction = net.apply(lopt_params, state.carry, flat)
-        else:
-            # In chunks of coordinates, each rematerialised: the backward pass of the meta-gradient keeps only
-            # each step's inputs, and recomputes the GRU gate activations (about 200 floats per coordinate)
-            # one chunk at a time, so they stay in cache and never exist for all coordinates at once.
-            carry, direction = jax.lax.map(jax.checkpoint(apply_one), (state.carry, flat), batch_size=chunk_size)
+        carry, direction = apply(lopt_params, state.carry, flat)
         if normalize_step:
             moving = jnp.maximum(jnp.sum(flat != 0), 1)
             direction = direction / (jnp.sqrt(jnp.sum(jnp.square(direction)) / moving) + 1e-12)
@@ -378,10 +367,10 @@ def with_grad_clip(tx: optax.GradientTransformation, grad_clip: float | None) ->
 
 
 def clipped_learned_optimizer(net: nn.Module, lopt_params, learning_rate, grad_clip: float | None,
-                              chunk_size: int | None = None,
+                              rematerialize: bool = False,
                               normalize_step: bool = False) -> optax.GradientTransformation:
     """The learned optimizer as agents use it everywhere: element-wise clip, then the network's step."""
-    return with_grad_clip(learned_optimizer(net, lopt_params, learning_rate, chunk_size, normalize_step), grad_clip)
+    return with_grad_clip(learned_optimizer(net, lopt_params, learning_rate, rematerialize, normalize_step), grad_clip)
 
 
 def load_optimizer(path: str, learning_rate: float | None = None, grad_clip: float | None = -1.0):
@@ -711,7 +700,7 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
     )
 
     def inner_tx(lopt_params):
-        return clipped_learned_optimizer(net, lopt_params, args.lopt_lr, args.grad_clip, LOPT_CHUNK,
+        return clipped_learned_optimizer(net, lopt_params, args.lopt_lr, args.grad_clip, True,
                                          args.normalize_step)
 
     def init(key) -> MetaState:
@@ -826,11 +815,13 @@ def initial_lopt_params(args: Args):
 
 
 def meta_task_names(args: Args, group: tuple[str, ...]) -> tuple[str, ...]:
-    """--meta-tasks: the tasks of the group that meta-training uses.
+    """--meta-tasks: the tasks that meta-training uses (each its own population, network and reward scale).
 
     On a CPU budget the big gridworlds' agents never learn within a lifetime, so their meta-gradients are noise
     (small, or with a sign that flips between meta-steps) at many times a small grid's cost (docs/design.md).
     """
+    if args.meta_tasks == "every":
+        return (*GRIDWORLDS, "catch")
     small = tuple(t for t in group if t.startswith("small_"))
     return small if args.meta_tasks == "small" and small else group
 
@@ -1216,9 +1207,7 @@ class CoordinateGRUCell(nn.GRUCell):
     """flax's GRUCell with the same parameters (checkpoints are interchangeable), its matmuls coordinate-wise.
 
     Plain code: `nn.GRUCell(hidden_size, kernel_init=...)`. Same parameters, values and gradients, also under vmap:
-    tests/test_train_lopt.py::test_coordinate_gru_matches_flax_gru. The learned optimizer also runs in chunks of
-    coordinates during meta-training (learned_optimizer's chunk_size, for memory); that it gives the same updates
-    and meta-gradient as one pass: tests/test_train_lopt.py::test_chunked_optimizer_matches_unchunked.
+    tests/test_train_lopt.py::test_coordinate_gru_matches_flax_gru.
     """
 
     @nn.compact

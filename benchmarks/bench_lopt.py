@@ -7,8 +7,8 @@ Times, in alternation in one process (medians of --repeats calls, after compilat
 - adam: one optax.adam update;
 - lopt (flax layers): one Optim4RL update, the network built from flax's nn.GRUCell and nn.Dense;
 - lopt (coordinate layers): the same network as train_lopt.py builds it (CoordinateGRUCell, coordinate_dot_general);
-- the meta-gradient of both variants: forward, rematerialised forward and backward through one update in
-  chunks of LOPT_CHUNK coordinates, as in meta-training.
+- the meta-gradient of both variants: forward, rematerialised forward and backward through one update, as in
+  meta-training.
 The optimizer is the shipped checkpoint (or --lopt-path); both variants load the same parameters and their
 updates are checked to agree. Ratios hold on a noisy machine; absolute times do not.
 """
@@ -64,8 +64,8 @@ def main(args: BenchArgs) -> None:
     ckpt = tl.read_optimizer_checkpoint(args.lopt_path)
     net = tl.make_lopt_net(ckpt["config"])
 
-    def compiled(lopt_params, chunk_size=None):
-        tx = tl.learned_optimizer(net, lopt_params, 1e-3, chunk_size)
+    def compiled(lopt_params):
+        tx = tl.learned_optimizer(net, lopt_params, 1e-3)
         state = tx.init(params)
         step = jax.jit(lambda state, grads: tx.update(grads, state))
         state = step(state, grads)[1]  # a non-zero recurrent state, as after the first step
@@ -73,7 +73,7 @@ def main(args: BenchArgs) -> None:
 
     def meta_gradient(lopt_params, state):
         def loss(p):
-            updates, new_state = tl.learned_optimizer(net, p, 1e-3, tl.LOPT_CHUNK).update(grads, state)
+            updates, new_state = tl.learned_optimizer(net, p, 1e-3, rematerialize=True).update(grads, state)
             return sum(jnp.sum(u**2) for u in jax.tree.leaves(updates)) + sum(
                 jnp.sum(c**2) for c in new_state.carry)
         return jax.grad(loss)(lopt_params)

@@ -102,7 +102,7 @@ def measure(group: str, agents: int, bench: BenchArgs) -> dict:
     num_coords = agents * sum(agent_sizes)  # agents x parameters, all tasks
 
     def agent_lopt_loss(p, agent_grads):  # train_lopt's own (chunked, rematerialised) transformation, K steps
-        tx = tl.learned_optimizer(net, p, 1.0, tl.LOPT_CHUNK)
+        tx = tl.learned_optimizer(net, p, 1.0, rematerialize=True)
 
         def step(state, g):
             updates, state = tx.update(g, state)

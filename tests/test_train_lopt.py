@@ -232,17 +232,17 @@ def test_coordinate_gru_matches_flax_gru():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # float32 sums in another order
 
 
-def test_chunked_optimizer_matches_unchunked():
-    """Meta-training runs the network over chunks of coordinates (with a remainder), rematerialised: same
-    updates, state and gradient w.r.t. the optimizer's parameters as one pass over all coordinates."""
+def test_rematerialized_optimizer_matches_plain():
+    """Meta-training rematerialises each update of the optimizer network: same updates, state and gradient
+    w.r.t. the optimizer's parameters as the plain transformation."""
     net = Optim4RL()
     lopt_params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(5), x.shape),
                                init_lopt_params(net, jax.random.PRNGKey(0)))
     grads = {"a": jax.random.normal(jax.random.PRNGKey(1), (7,)) * 1e-3, "b": jnp.array([2.0, -3e-6, 0.0])}
 
-    def run(chunk_size):
+    def run(rematerialize):
         def loss(p):
-            tx = learned_optimizer(net, p, 0.1, chunk_size)
+            tx = learned_optimizer(net, p, 0.1, rematerialize)
             state = tx.init(grads)
             total = 0.0
             for _ in range(2):  # the second step reads the state the first wrote
@@ -251,12 +251,12 @@ def test_chunked_optimizer_matches_unchunked():
             return total, state
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(lopt_params)  # one program, not op by op
 
-    (loss_all, state_all), grad_all = run(None)
-    (loss_chunked, state_chunked), grad_chunked = run(3)  # 10 coordinates: chunks of 3, 3, 3 and 1
-    np.testing.assert_allclose(loss_chunked, loss_all, rtol=1e-6)
-    leaves_equal(state_chunked, state_all, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(grad_chunked), jax.tree.leaves(grad_all)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # float32 sums over coordinates, reordered
+    (loss_plain, state_plain), grad_plain = run(False)
+    (loss_remat, state_remat), grad_remat = run(True)
+    np.testing.assert_allclose(loss_remat, loss_plain, rtol=1e-6)
+    leaves_equal(state_remat, state_plain, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grad_remat), jax.tree.leaves(grad_plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # float32 sums, possibly reordered
 
 
 def test_any_baseline_steps_as_the_baseline_it_names():
@@ -537,6 +537,14 @@ def test_population_meta_gradient(meta):
     assert tree_finite(population.params)
     assert return_sum.shape == (2,) and return_count.shape == (2,)
     leaves_equal(results[1], results[None], atol=1e-6)
+    # The same as the code before the meta-step's speed-only changes (the coordinate chunks' lax.map, commit
+    # 0b828b2), recorded by tests/make_meta_gradient_fixture.py. The output biases' meta-gradients are zero up
+    # to rounding (--normalize-step divides out any uniform scale), hence the absolute floor.
+    recorded = load_msgpack(os.path.join(REPO, "tests", "data", "meta_gradient_tiny.msgpack"))
+    np.testing.assert_allclose(loss, recorded["loss"], rtol=1e-5)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(recorded["grads"])):
+        r = np.asarray(r)
+        np.testing.assert_allclose(g, r, rtol=0, atol=1e-4 * np.max(np.abs(r)) + 1e-8, err_msg=jax.tree_util.keystr(path))
     with pytest.raises(UserError, match="--num-agents 8 must be a multiple of --agents-per-chunk 3"):
         tl.make_meta_train(tiny_args(num_agents=8, agents_per_chunk=3), TASKS)
     with pytest.raises(UserError, match="--agents-per-chunk must be positive"):
@@ -949,6 +957,8 @@ def test_meta_tasks_small_trains_on_the_small_grids_and_evaluates_the_group(tmp_
     assert tl.meta_task_names(tiny_args(meta_tasks="small"), group) == ("small_dense_long", "small_dense_short")
     assert tl.meta_task_names(tiny_args(meta_tasks="all"), group) == group
     assert tl.meta_task_names(tiny_args(meta_tasks="small"), ("catch",)) == ("catch",)
+    every = tl.meta_task_names(tiny_args(meta_tasks="every"), group)
+    assert len(every) == 9 and set(every) == {*tl.GRIDWORLDS, "catch"}
     assert tl.parse_args([]).meta_tasks == "small" and tl.parse_args(["--preset", "paper"]).meta_tasks == "all"
     assert tl.parse_args([]).eval_tasks == "meta" and tl.parse_args(["--preset", "paper"]).eval_tasks == "group"
 
