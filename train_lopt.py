@@ -95,7 +95,7 @@ class Args:
     """stagger agent resets over the reset interval (False: reset all agents together)"""
     num_agents: int = 8
     """agents per task in the meta-training population"""
-    agents_per_chunk: Annotated[int | None, MayChange] = 8
+    agents_per_chunk: Annotated[int | None, MayChange] = 2
     """meta-gradients of this many agents of a task are computed at a time (a scan over chunks), so peak memory
     follows the chunk, not the population; None: the whole population at once"""
     num_envs: int = 32

@@ -39,6 +39,7 @@ from common import ENV_GROUPS, run_cli  # noqa: E402
 @dataclass
 class BenchArgs:
     groups: tuple[str, ...] = ("small_dense_long", "big_dense_long", "gridworld")
+    """task groups (common.ENV_GROUPS), or 'every': train_lopt's --meta-tasks every (all eight grids and catch)"""
     populations: tuple[int, ...] = (8, 32, 128)
     """agents per task"""
     num_envs: int = 1
@@ -69,7 +70,7 @@ def measure(group: str, agents: int, bench: BenchArgs) -> dict:
     args = dataclasses.replace(tl.Args(), num_agents=agents, num_envs=bench.num_envs,
                                inner_updates=bench.inner_updates, rollout_steps=bench.rollout_steps,
                                agents_per_chunk=bench.agents_per_chunk)
-    names = ENV_GROUPS[group]
+    names = tl.meta_task_names(dataclasses.replace(args, meta_tasks="every"), ()) if group == "every" else ENV_GROUPS[group]
     mt = tl.make_meta_train(args, names)
     state = mt.init(jax.random.PRNGKey(0))
     start = time.perf_counter()
@@ -183,9 +184,9 @@ def format_growth(rows: list[dict]) -> str:
 
 
 def main(bench: BenchArgs) -> None:
-    unknown = [g for g in bench.groups if g not in ENV_GROUPS]
+    unknown = [g for g in bench.groups if g not in (*ENV_GROUPS, "every")]
     if unknown:
-        raise tl.UserError(f"unknown group {unknown[0]!r}; choose from {', '.join(ENV_GROUPS)}")
+        raise tl.UserError(f"unknown group {unknown[0]!r}; choose from {', '.join(ENV_GROUPS)}, every")
     print(f"bench_meta: {jax.device_count()} device(s), num_envs {bench.num_envs}, K {bench.inner_updates}, "
           f"rollout {bench.rollout_steps}, {bench.agents_per_chunk} agents per chunk, "
           f"{bench.repeats} timed repeats per function", flush=True)
