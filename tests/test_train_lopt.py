@@ -881,7 +881,7 @@ import dataclasses, jax, train_lopt as tl
 from common import UserError
 assert jax.device_count() == 2, jax.devices()
 try:
-    tl.make_meta_train(dataclasses.replace(tl.Args(), num_agents=3), ("catch",))
+    tl.make_meta_train(dataclasses.replace(tl.Args(), num_agents=3, agents_per_chunk=None), ("catch",))
 except UserError as error:
     print("uneven:", error)
 args = dataclasses.replace(tl.Args(), **{TINY!r}, out_dir={str(tmp_path)!r})
