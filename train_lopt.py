@@ -700,8 +700,8 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
     )
 
     def inner_tx(lopt_params):
-        return clipped_learned_optimizer(net, lopt_params, args.lopt_lr, args.grad_clip, True,
-                                         args.normalize_step)
+        return clipped_learned_optimizer(net, lopt_params, args.lopt_lr, args.grad_clip, rematerialize=True,
+                                         normalize_step=args.normalize_step)
 
     def init(key) -> MetaState:
         key_lopt, key_pop, key = jax.random.split(key, 3)  # key_lopt: see initial_lopt_params

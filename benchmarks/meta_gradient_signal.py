@@ -133,8 +133,8 @@ def make_per_agent(args: tl.Args, task: tl.Task, net):
     offsets = jnp.asarray(tl.reset_offsets(args.num_agents, args.reset_interval, args.pipeline))
 
     def inner_tx(lopt_params):  # as train_lopt.make_meta_train's agents use it
-        return tl.clipped_learned_optimizer(net, lopt_params, args.lopt_lr, args.grad_clip, True,
-                                            args.normalize_step)
+        return tl.clipped_learned_optimizer(net, lopt_params, args.lopt_lr, args.grad_clip, rematerialize=True,
+                                            normalize_step=args.normalize_step)
 
     one_agent = partial(tl.agent_meta_loss, make_tx=inner_tx, inner_updates=args.inner_updates,
                         meta_value_coef=args.meta_value_coef, meta_loss_scale=args.meta_loss_scale)
