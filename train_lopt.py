@@ -1768,8 +1768,9 @@ def meta_train(args: Args, task_names, folder: str, deadline: Deadline | None = 
                 eta = (args.meta_steps - done) / rate if rate == rate and rate > 0 else float("nan")
                 best_text = f" (best {best[0]:.2f} @ {best[1]})" if best else ""
                 val_text = f" | val {score:.2f} in {format_duration(val_s)}{best_text}" if score is not None else ""
+                speed = f"{rate * steps_per_meta_step:,.0f}" if rate == rate else "?"  # ? until a step is timed
                 print(
-                    f"meta-step {done}/{args.meta_steps} | {rate * steps_per_meta_step:,.0f} env steps/s | "
+                    f"meta-step {done}/{args.meta_steps} | {speed} env steps/s | "
                     f"meta-loss {np.mean(list(meta_losses.values())):.3g} | return "
                     + " ".join(f"{t}={r:.2f}" for t, r in returns.items())
                     + f"{val_text} | bad {bad_steps_total} | ETA {format_duration(eta) if eta == eta else '?'}",
