@@ -70,7 +70,8 @@ def measure(group: str, agents: int, bench: BenchArgs) -> dict:
     args = dataclasses.replace(tl.Args(), num_agents=agents, num_envs=bench.num_envs,
                                inner_updates=bench.inner_updates, rollout_steps=bench.rollout_steps,
                                agents_per_chunk=bench.agents_per_chunk)
-    names = tl.meta_task_names(dataclasses.replace(args, meta_tasks="every"), ()) if group == "every" else ENV_GROUPS[group]
+    every = group == "every"
+    names = tl.meta_task_names(dataclasses.replace(args, meta_tasks="every"), ()) if every else ENV_GROUPS[group]
     mt = tl.make_meta_train(args, names)
     state = mt.init(jax.random.PRNGKey(0))
     start = time.perf_counter()
@@ -102,7 +103,7 @@ def measure(group: str, agents: int, bench: BenchArgs) -> dict:
              for i, size in enumerate(agent_sizes)]
     num_coords = agents * sum(agent_sizes)  # agents x parameters, all tasks
 
-    def agent_lopt_loss(p, agent_grads):  # train_lopt's own (chunked, rematerialised) transformation, K steps
+    def agent_lopt_loss(p, agent_grads):  # train_lopt's own (rematerialised) transformation, K steps
         tx = tl.learned_optimizer(net, p, 1.0, rematerialize=True)
 
         def step(state, g):

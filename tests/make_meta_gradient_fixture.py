@@ -26,7 +26,7 @@ def tiny_meta_gradient():
         state, _ = mt.meta_step(state)
     inputs = (state.lopt_params, state.populations[0], jax.random.PRNGKey(7), state.meta_step)
     (loss, _), grads = jax.jit(lambda *a: mt.population_meta_grad(a[0], mt.tasks[0], *a[1:]))(*inputs)
-    return dict(lopt_params=state.lopt_params, loss=loss, grads=grads)
+    return dict(loss=loss, grads=grads)
 
 
 if __name__ == "__main__":

@@ -542,9 +542,13 @@ def test_population_meta_gradient(meta):
     # to rounding (--normalize-step divides out any uniform scale), hence the absolute floor.
     recorded = load_msgpack(os.path.join(REPO, "tests", "data", "meta_gradient_tiny.msgpack"))
     np.testing.assert_allclose(loss, recorded["loss"], rtol=1e-5)
-    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(recorded["grads"])):
-        r = np.asarray(r)
-        np.testing.assert_allclose(g, r, rtol=0, atol=1e-4 * np.max(np.abs(r)) + 1e-8, err_msg=jax.tree_util.keystr(path))
+    recorded_grads = dict(jax.tree_util.tree_leaves_with_path(recorded["grads"]))
+    ours = dict(jax.tree_util.tree_leaves_with_path(dict(grads)))
+    assert ours.keys() == recorded_grads.keys()
+    for path, g in ours.items():
+        r = np.asarray(recorded_grads[path])
+        np.testing.assert_allclose(g, r, rtol=0, atol=1e-4 * np.max(np.abs(r)) + 1e-8,
+                                   err_msg=jax.tree_util.keystr(path))
     with pytest.raises(UserError, match="--num-agents 8 must be a multiple of --agents-per-chunk 3"):
         tl.make_meta_train(tiny_args(num_agents=8, agents_per_chunk=3), TASKS)
     with pytest.raises(UserError, match="--agents-per-chunk must be positive"):
