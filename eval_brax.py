@@ -36,6 +36,7 @@ from brax.training.acme import running_statistics, specs
 from brax.training.agents.ppo import losses as brax_ppo_losses
 from brax.training.agents.ppo import networks as brax_ppo_networks
 
+from open_optimizer import OPEN_WEIGHTS, mlp_neuron_activity, open_optimizer
 from common import (
     PRETRAINED_OPTIMIZER,
     REPOSITORY,
@@ -52,7 +53,7 @@ from common import (
     tune_learning_rate,
 )
 
-OptimizerName = Literal["adam", "adam_brax", "rmsprop", "sgd", "sign_sgd", "lopt"]
+OptimizerName = Literal["adam", "adam_brax", "rmsprop", "sgd", "sign_sgd", "lopt", "open"]
 
 
 @dataclass
@@ -67,7 +68,8 @@ class Args:
     optimizers: tuple[OptimizerName, ...] = ("adam", "lopt")
     """optimizers to compare, trained one after another with the same PPO settings and seeds: adam, rmsprop, sgd,
     sign_sgd (the learned optimizer's meta-step-0 self) and lopt get the same element-wise --grad-clip; adam_brax is
-    Adam as Brax's trainer sets it (no element-wise clip, optional --max-grad-norm)"""
+    Adam as Brax's trainer sets it (no element-wise clip, optional --max-grad-norm); open is OPEN's published
+    gridworld optimizer (open_optimizer.py) behind its own global-norm clip, at --learning-rates"""
     lopt_path: str = PRETRAINED_OPTIMIZER
     """learned-optimizer checkpoint (optimizer.msgpack from train_lopt.py); default: the one shipped in checkpoints/"""
     lopt_lr: float = 3e-4
@@ -204,6 +206,9 @@ def eval_schedule(args: Args) -> tuple[np.ndarray, np.ndarray]:
     return updates_per_period, np.cumsum(updates_per_period) * env_steps_per_update(args)
 
 
+BRAX_ACTIVATION = jax.nn.silu  # make_ppo_networks' default (swish), after every layer but the last
+
+
 def make_train(args: Args, env: envs.Env, optimizer: optax.GradientTransformation,
                on_eval: Callable[[int, np.ndarray], None] | None = None,
                on_trained: Callable[[int], None] | None = None):
@@ -285,7 +290,12 @@ def make_train(args: Args, env: envs.Env, optimizer: optax.GradientTransformatio
             params, opt_state, key = carry
             key, key_loss = jax.random.split(key)
             grads = jax.grad(loss_fn)(params, normalizer, minibatch, key_loss)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
+            # OPEN's dormancy input; an optimizer that ignores it leaves it to XLA to drop.
+            obs = normalize(minibatch.obs.reshape(-1, minibatch.obs.shape[-1]), normalizer)
+            activity = jax.tree.map(lambda p: mlp_neuron_activity(p, obs, BRAX_ACTIVATION), params,
+                                    is_leaf=lambda p: isinstance(p, dict))
+            updates, opt_state = optax.with_extra_args_support(optimizer).update(grads, opt_state, params,
+                                                                                 neuron_activity=activity)
             return (optax.apply_updates(params, updates), opt_state, key), None
 
         def epoch(carry, key):
@@ -356,6 +366,12 @@ def make_optimizer(args: Args, name: str, lr: float) -> optax.GradientTransforma
             return load_optimizer(args.lopt_path, lr, args.grad_clip or None)
         except UserError as error:  # the message names the file; say which flag gave it
             raise UserError(f"--lopt-path: {error}") from None
+    if name == "open":  # the actor (the policy network) gets OPEN's learned noise, the critic none
+        return open_optimizer(int(eval_schedule(args)[0].sum()), lr, epochs=args.num_updates_per_batch,
+                              minibatches=args.num_minibatches,
+                              noise_mask=lambda params: params.replace(
+                                  policy=jax.tree.map(jnp.ones_like, params.policy),
+                                  value=jax.tree.map(jnp.zeros_like, params.value)))
     if name == "adam_brax":
         clip = optax.clip_by_global_norm(args.max_grad_norm) if args.max_grad_norm else None
         tx = optax.adam(lr)
@@ -474,7 +490,7 @@ def format_summary_table(summary: dict) -> str:
 
 PROTOCOL_BACKENDS = {"inverted_double_pendulum": "positional", "hopper": "positional", "reacher": "positional",
                      "ant": "spring"}  # the CPU-practical tasks (docs/reference_figures.md)
-PROTOCOL_TUNED = ("adam", "sign_sgd", "lopt")  # each at its best lr on the selection seeds
+PROTOCOL_TUNED = ("adam", "sign_sgd", "lopt", "open")  # each at its best lr on the selection seeds
 PROTOCOL_LR_GRID = (1e-4, 3e-4, 1e-3)  # around the paper's 3e-4; extended where the best is at an edge
 PAPER_LR = 3e-4  # the learned optimizer's lr in the paper, and Brax's Adam lr
 PROTOCOL_SEEDS = 8  # reported seeds per run unless --num-seeds says otherwise (a claim needs 8 or more)
@@ -503,6 +519,8 @@ def run_fingerprint(args: Args, name: str, lr: float, seeds: str, num_seeds: int
     fingerprint = {"optimizer": name, "learning_rate": lr, "seeds": seeds, "num_seeds": num_seeds, "settings": settings}
     if name == "lopt":
         fingerprint["lopt_sha256"] = file_sha256(args.lopt_path)
+    if name == "open":
+        fingerprint["open_sha256"] = file_sha256(OPEN_WEIGHTS)
     return fingerprint
 
 
@@ -683,7 +701,7 @@ def check_settings(args: Args) -> None:
     if args.env not in envs._envs:  # Brax's registry
         raise UserError(f"unknown --env {args.env!r}; Brax environments: {', '.join(sorted(envs._envs))}")
     if not args.optimizers:
-        raise UserError("--optimizers: give at least one of adam, adam_brax, rmsprop, sgd, sign_sgd, lopt")
+        raise UserError("--optimizers: give at least one of adam, adam_brax, rmsprop, sgd, sign_sgd, lopt, open")
     if len(set(args.optimizers)) != len(args.optimizers):
         raise UserError(f"--optimizers lists a name twice: {' '.join(args.optimizers)}")
     check_args(args, positive=("total_timesteps", "num_seeds", "num_envs", "batch_size", "num_minibatches",

@@ -42,6 +42,7 @@ from gymnax.wrappers.purerl import LogWrapper
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec
 
+from open_optimizer import open_optimizer
 from common import (
     ENV_GROUPS,
     GRIDWORLDS,
@@ -408,6 +409,34 @@ class ActorCritic(nn.Module):
         x = nn.relu(nn.Dense(256 if self.kind == "catch" else 32)(x))
         return nn.Dense(self.num_actions)(x), nn.Dense(1)(x)[:, 0]
 
+    # What OPEN (open_optimizer.py) reads per layer, by flax's layer names: the ReLU trunk (the conv, then the dense
+    # layer) feeds two heads, the policy (Dense_1) and the value (Dense_2), each the last layer of its network.
+    HIDDEN = ("Conv2x2_0", "Dense_0")
+
+    def neuron_activity(self, params, obs):
+        """Per parameter leaf, its layer's mean |output| over the batch (after the ReLU in the trunk)."""
+        _, state = self.apply(params, obs, capture_intermediates=True)
+        outputs = {name: out["__call__"][0] for name, out in state["intermediates"].items() if name != "__call__"}
+        activity = {name: jnp.mean(jnp.abs(nn.relu(y) if name in self.HIDDEN else y), axis=tuple(range(y.ndim - 1)))
+                    for name, y in outputs.items()}
+        return per_layer(params, activity.get)
+
+    @classmethod
+    def layer_proportions(cls, params):
+        """Depth in [0, 1] along the path input -> head: the trunk's layers in order, both heads at 1."""
+        hidden = [name for name in cls.HIDDEN if name in params["params"]]
+        return per_layer(params, lambda name: hidden.index(name) / len(hidden) if name in hidden else 1.0)
+
+    @staticmethod
+    def noise_mask(params):
+        """OPEN adds its learned noise to the actor only: everything but the value head."""
+        return per_layer(params, lambda name: float(name != "Dense_2"))
+
+
+def per_layer(params, value_of):
+    """A tree like params with value_of(layer name) at each of the layer's leaves."""
+    return {"params": {name: jax.tree.map(lambda _: value_of(name), layer) for name, layer in params["params"].items()}}
+
 
 class Transition(NamedTuple):
     obs: jax.Array
@@ -538,7 +567,10 @@ def a2c_step(task: Task, tx: optax.GradientTransformation, agent: Agent, stop_me
     acting_params = jax.lax.stop_gradient(agent.params) if stop_meta_gradient else agent.params
     traj, env_state, obs = task.rollout(acting_params, agent.env_state, agent.obs, key_rollout)
     grads = jax.grad(task.loss)(acting_params, traj, obs)
-    updates, opt_state = tx.update(grads, agent.opt_state, agent.params)
+    # OPEN's dormancy input; an optimizer that ignores it leaves it to XLA to drop.
+    activity = task.net.neuron_activity(acting_params, traj.obs.reshape(-1, *obs.shape[1:]))
+    updates, opt_state = optax.with_extra_args_support(tx).update(grads, agent.opt_state, agent.params,
+                                                                  neuron_activity=activity)
     params = optax.apply_updates(agent.params, updates)
     return Agent(params, opt_state, env_state, obs, key), returns_summary(traj)
 
@@ -839,7 +871,8 @@ def env_steps_per_meta_step(args: Args) -> int:
 LR_GRID = (3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
 LOPT_LR_FACTORS = (1 / 3, 1.0, 3.0)  # the learned optimizer's own sweep, around its meta-trained lr
 BASELINES = ("adam", "rmsprop", "sign_sgd")  # sign-SGD: what Optim4RL is at meta-step 0, given its own tuned lr
-EVAL_NAMES = ("lopt", "lopt_tuned", "lopt_init", "sign_sgd", "adam", "rmsprop", "random")
+TUNED = (*BASELINES, "open")  # OPEN: the field's published learned optimizer (open_optimizer.py), lr tuned too
+EVAL_NAMES = ("lopt", "lopt_tuned", "lopt_init", "open", "sign_sgd", "adam", "rmsprop", "random")
 FINAL_FRACTION = 0.1  # "final return": mean return of the episodes that end in the last 10% of training
 EVAL_STREAM, VAL_STREAM = 1, 2  # the final evaluation and validation (and lr selection) draw from separate streams
 STREAM_FLAGS = {EVAL_STREAM: "--eval-seeds", VAL_STREAM: "--val-seeds"}
@@ -950,6 +983,9 @@ class TaskEvaluator:
                                                      normalize_step=self.config.get("normalize_step", False))
                 if trainer == "random":  # its agents never update: any optimizer only sets up their state
                     return with_grad_clip(baseline_optimizer("adam", lr), clip)
+                if trainer == "open":  # behind its own clip (global norm 0.5), as it was meta-trained
+                    return open_optimizer(self.num_updates, lr, layer_proportions=ActorCritic.layer_proportions,
+                                          noise_mask=ActorCritic.noise_mask)
                 return with_grad_clip(any_baseline(baseline, lr), clip)
 
             train = make_a2c_train(self.task, make_tx, self.num_updates, random_policy=trainer == "random")
@@ -1013,7 +1049,7 @@ def evaluate_baselines(args: Args, evaluator: TaskEvaluator, init_params, cache:
     val_keys = evaluation_keys(evaluator.name, VAL_STREAM, args.val_seeds, "--val-seeds")
     eval_keys = evaluation_keys(evaluator.name, EVAL_STREAM, args.eval_seeds, "--eval-seeds")
     returns, lrs, sweeps = {}, {}, {}
-    for kind in BASELINES:
+    for kind in TUNED:
         lrs[kind], sweeps[kind] = tune_learning_rate(
             lambda grid: cache.returns(evaluator, kind, VAL_STREAM, args.val_seeds, grid), LR_GRID)
         returns[kind] = cache.returns(evaluator, kind, EVAL_STREAM, args.eval_seeds, [lrs[kind]])[lrs[kind]]
@@ -1393,7 +1429,7 @@ class Checkpointer:
 
 # The learner's code, hashed once at import: part of the baseline cache's key (see BaselineCache).
 SOURCE_DIGEST = hashlib.sha1(b"".join(pathlib.Path(__file__).with_name(f).read_bytes()
-                                      for f in ("train_lopt.py", "common.py"))).hexdigest()[:12]
+                                      for f in ("train_lopt.py", "common.py", "open_optimizer.py"))).hexdigest()[:12]
 
 
 class BaselineCache:
