@@ -290,10 +290,12 @@ def make_train(args: Args, env: envs.Env, optimizer: optax.GradientTransformatio
             params, opt_state, key = carry
             key, key_loss = jax.random.split(key)
             grads = jax.grad(loss_fn)(params, normalizer, minibatch, key_loss)
-            # OPEN's dormancy input; an optimizer that ignores it leaves it to XLA to drop.
-            obs = normalize(minibatch.obs.reshape(-1, minibatch.obs.shape[-1]), normalizer)
-            activity = jax.tree.map(lambda p: mlp_neuron_activity(p, obs, BRAX_ACTIVATION), params,
+            # OPEN's dormancy input, as a function: an optimizer that does not call it traces nothing more.
+            def activity():
+                obs = normalize(minibatch.obs.reshape(-1, minibatch.obs.shape[-1]), normalizer)
+                return jax.tree.map(lambda p: mlp_neuron_activity(p, obs, BRAX_ACTIVATION), params,
                                     is_leaf=lambda p: isinstance(p, dict))
+
             updates, opt_state = optax.with_extra_args_support(optimizer).update(grads, opt_state, params,
                                                                                  neuron_activity=activity)
             return (optax.apply_updates(params, updates), opt_state, key), None

@@ -119,10 +119,13 @@ def layer_proportions_by_module(params) -> Any:
 
 
 def given(tree_or_function, params, default):
-    """A per-leaf input given as a tree, as a function of params, or not at all (default(params))."""
+    """A per-leaf input given as a tree, as a function (of params, or of nothing where params is None), or not at
+    all (default(params))."""
     if tree_or_function is None:
         return default(params)
-    return tree_or_function(params) if callable(tree_or_function) else tree_or_function
+    if not callable(tree_or_function):
+        return tree_or_function
+    return tree_or_function() if params is None else tree_or_function(params)
 
 
 def mlp_neuron_activity(mlp_params, x: jax.Array, activation) -> Any:
@@ -161,8 +164,9 @@ def open_optimizer(num_updates: int, learning_rate: float = DEFAULT_LR, epochs: 
     max_grad_norm: the global-norm clip OPEN was meta-trained behind (0.5, per network: per top-level entry of
     the tree; None: no clip).
     update(grads, state, params, neuron_activity=None): neuron_activity, per leaf, the mean |activation| of the
-    layer's output neurons (shape (out,) for a (in, out) kernel and its bias); without it every neuron has
-    dormancy 1.
+    layer's output neurons (shape (out,) for a (in, out) kernel and its bias), or a function of no arguments
+    returning it (a training loop can then pass it to any optimizer: only OPEN computes it); without it every
+    neuron has dormancy 1.
     """
     if num_updates < 1 or epochs < 1 or minibatches < 1:
         raise UserError(f"open_optimizer: num_updates, epochs and minibatches must be >= 1, "
@@ -193,7 +197,8 @@ def open_optimizer(num_updates: int, learning_rate: float = DEFAULT_LR, epochs: 
         momenta = jax.tree.map(lambda m, g: decays * m + (1 - decays) * g[..., None], state.momenta, grads)
         depth = given(layer_proportions, params, layer_proportions_by_module)
         mask = given(noise_mask, params, lambda p: jax.tree.map(lambda _: 1.0, p))
-        activity = [None] * treedef.num_leaves if neuron_activity is None else leaves(neuron_activity)
+        activity = given(neuron_activity, None, lambda _: None)
+        activity = [None] * treedef.num_leaves if activity is None else leaves(activity)
         key, noise_key = jax.random.split(state.key)
         noise_keys = jax.random.split(noise_key, treedef.num_leaves)
         steps, carries = [], []

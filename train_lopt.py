@@ -567,8 +567,8 @@ def a2c_step(task: Task, tx: optax.GradientTransformation, agent: Agent, stop_me
     acting_params = jax.lax.stop_gradient(agent.params) if stop_meta_gradient else agent.params
     traj, env_state, obs = task.rollout(acting_params, agent.env_state, agent.obs, key_rollout)
     grads = jax.grad(task.loss)(acting_params, traj, obs)
-    # OPEN's dormancy input; an optimizer that ignores it leaves it to XLA to drop.
-    activity = task.net.neuron_activity(acting_params, traj.obs.reshape(-1, *obs.shape[1:]))
+    # OPEN's dormancy input, as a function: an optimizer that does not call it traces nothing more.
+    activity = partial(task.net.neuron_activity, acting_params, traj.obs.reshape(-1, *obs.shape[1:]))
     updates, opt_state = optax.with_extra_args_support(tx).update(grads, agent.opt_state, agent.params,
                                                                   neuron_activity=activity)
     params = optax.apply_updates(agent.params, updates)
@@ -1144,10 +1144,10 @@ def adam_beats_random(returns: dict) -> bool:
 def summarize(results: dict) -> dict:
     """IQM [95% CI] of the normalised score per task and optimizer, and over the informative tasks together."""
     informative = [t for t, r in results.items() if adam_beats_random(r["returns"])]
-    per_task = {t: {n: iqm_interval([normalized_scores(r["returns"], n)]) for n in EVAL_NAMES}
-                for t, r in results.items()}
+    names = [n for n in EVAL_NAMES if all(n in r["returns"] for r in results.values())]  # older files: no "open"
+    per_task = {t: {n: iqm_interval([normalized_scores(r["returns"], n)]) for n in names} for t, r in results.items()}
     aggregate = {n: iqm_interval([normalized_scores(results[t]["returns"], n) for t in informative])
-                 for n in EVAL_NAMES} if informative else {}
+                 for n in names} if informative else {}
     return {"informative_tasks": informative, "per_task": per_task, "aggregate": aggregate}
 
 

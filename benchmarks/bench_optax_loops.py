@@ -1,13 +1,13 @@
-"""The learned optimizer as a plain optax transformation (load_optimizer, no meta-gradient) against Adam, in the
-two training loops users drop it into, side by side in one process:
+"""The learned optimizer as a plain optax transformation (load_optimizer, no meta-gradient) and OPEN
+(open_optimizer.py) against Adam, in the two training loops users drop them into, side by side in one process:
 
     python benchmarks/bench_optax_loops.py                       # A2C on three grids and catch, PPO on hopper
     python benchmarks/bench_optax_loops.py --a2c-tasks catch --ppo-env none
 
 - A2C (train_lopt.make_a2c_train, the evaluation's loop): --seeds agents vmapped, --a2c-updates updates each;
 - PPO (eval_brax.make_train, the Brax protocol's loop) on --ppo-env at its preset, --ppo-steps env steps per seed.
-Each loop is compiled once per optimizer, then the two are timed in alternation (--repeats each), so a slow spell
-of the machine hits both. Reported: median wall per run, compilation excluded, and lopt / Adam.
+Each loop is compiled once per optimizer, then they are timed in alternation (--repeats each), so a slow spell
+of the machine hits all of them. Reported: median wall per run, compilation excluded, and each / Adam.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_lopt as tl  # noqa: E402
 from common import PRETRAINED_OPTIMIZER, run_cli  # noqa: E402
+from open_optimizer import open_optimizer  # noqa: E402
+
+OPTIMIZERS = ("adam", "lopt", "open")
 
 
 @dataclass
@@ -58,7 +61,9 @@ def a2c_runs(bench: BenchArgs, task_name: str) -> dict:
     task = tl.Task.make(task_name, args)
     keys = jax.random.split(jax.random.PRNGKey(0), bench.seeds)
     optimizers = {"adam": tl.with_grad_clip(optax.adam(3e-3), args.grad_clip),
-                  "lopt": tl.load_optimizer(bench.lopt_path)}
+                  "lopt": tl.load_optimizer(bench.lopt_path),
+                  "open": open_optimizer(bench.a2c_updates, 3e-3, layer_proportions=tl.ActorCritic.layer_proportions,
+                                         noise_mask=tl.ActorCritic.noise_mask)}
     runs = {}
     for name, tx in optimizers.items():
         train = tl.make_a2c_train(task, lambda _, tx=tx: tx, bench.a2c_updates)
@@ -75,7 +80,7 @@ def ppo_runs(bench: BenchArgs) -> dict:
     env = envs.get_environment(args.env, backend=args.backend)
     keys = jax.random.split(jax.random.PRNGKey(args.seed), args.num_seeds)
     runs = {}
-    for name, lr in (("adam", 3e-4), ("lopt", args.lopt_lr)):
+    for name, lr in (("adam", 3e-4), ("lopt", args.lopt_lr), ("open", 1e-3)):
         train = eb.make_train(args, env, eb.make_optimizer(args, name, lr))
         runs[name] = (jax.jit(train).lower(keys).compile(), (keys,))
     return runs
@@ -90,12 +95,13 @@ def main(bench: BenchArgs) -> None:
         loops.append((f"PPO {bench.ppo_env} ({bench.ppo_steps:,} env steps)", lambda: ppo_runs(bench)))
     for label, build in loops:
         times = alternate(build(), bench.repeats)
-        rows.append((label, times["adam"], times["lopt"]))
-        print(f"{label}: adam {times['adam']:.2f} s, lopt {times['lopt']:.2f} s, "
-              f"lopt / adam {times['lopt'] / times['adam']:.2f}", flush=True)
-    print("\n| loop | Adam s | lopt s | lopt / Adam |\n|---|---:|---:|---:|")
-    for label, adam, lopt in rows:
-        print(f"| {label} | {adam:.2f} | {lopt:.2f} | {lopt / adam:.2f} |")
+        rows.append((label, times))
+        print(f"{label}: " + ", ".join(f"{n} {times[n]:.2f} s" for n in OPTIMIZERS) + ", "
+              + ", ".join(f"{n} / adam {times[n] / times['adam']:.2f}" for n in OPTIMIZERS[1:]), flush=True)
+    print("\n| loop | Adam s | lopt s | OPEN s | lopt / Adam | OPEN / Adam |\n|---|---:|---:|---:|---:|---:|")
+    for label, times in rows:
+        print(f"| {label} | " + " | ".join(f"{times[n]:.2f}" for n in OPTIMIZERS) + " | "
+              + " | ".join(f"{times[n] / times['adam']:.2f}" for n in OPTIMIZERS[1:]) + " |")
 
 
 if __name__ == "__main__":

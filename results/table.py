@@ -44,6 +44,7 @@ FILES = {
 ROWS = {  # eval.json name -> row label
     "lopt": "learned optimizer, its meta-trained lr",
     "lopt_tuned": "learned optimizer, lr tuned",
+    "open": "OPEN (its published gridworld weights), lr tuned",
     "sign_sgd": "sign-SGD (its meta-step-0 self), lr tuned",
     "rmsprop": "RMSProp, lr tuned",
     "adam": "Adam, lr tuned",
@@ -188,6 +189,8 @@ def report_rows(report: dict, rows: dict[str, str]) -> list[str]:
     """One row per optimizer of a tuned evaluation's file (name -> label): its lrs, per-task and aggregate cells."""
     tasks, summary, lines = list(report["tasks"]), report["summary"], []
     for name, label in rows.items():
+        if name not in summary["per_task"][tasks[0]]:  # a file from before the row existed
+            continue
         lrs = " / ".join(tl.format_lr(report["tasks"][t]["lr"][name]) for t in tasks)
         cells = [cell(summary["per_task"][t][name]) for t in tasks]
         aggregate = cell(summary["aggregate"][name]) if summary["aggregate"] else "n/a"
@@ -281,6 +284,7 @@ BRAX_TASKS = ("inverted_double_pendulum", "hopper", "reacher", "ant")  # eval_br
 BRAX_ROWS = {  # protocol.json's reported runs -> row label (and line in the figure)
     "lopt": "learned optimizer, lr tuned",
     "lopt_paper_lr": "learned optimizer, the paper's lr",
+    "open": "OPEN (its published gridworld weights), lr tuned",
     "sign_sgd": "sign-SGD (its meta-step-0 self), lr tuned",
     "adam": "Adam, its clip, lr tuned",
     "adam_brax": "Adam, Brax's setting (no clip)",
@@ -327,6 +331,8 @@ def brax_table(folder: str = os.path.join(HERE, "brax")) -> str:
     normalized = {task: brax_normalized(p) for task, p in tasks.items()}
     for task, protocol in tasks.items():
         for label, row in BRAX_ROWS.items():
+            if label not in protocol["runs"]:  # a protocol from before the row existed
+                continue
             run = protocol["runs"][label]
             raw = iqm_interval([run["returns"][:, -1]])
             norm = iqm_interval([normalized[task][label]])
@@ -336,9 +342,13 @@ def brax_table(folder: str = os.path.join(HERE, "brax")) -> str:
                          f"{bold}{norm[0]:.2f} [{norm[1]:.2f}, {norm[2]:.2f}]{bold} |")
     if len(tasks) > 1:
         for label, row in BRAX_ROWS.items():
-            norm = iqm_interval([normalized[task][label] for task in tasks])
+            having = [task for task in tasks if label in normalized[task]]
+            if len(having) < 2:
+                continue
+            norm = iqm_interval([normalized[task][label] for task in having])
             bold = "**" if label.startswith("lopt") else ""
-            lines.append(f"| all {len(tasks)} | {row} | | | {bold}{norm[0]:.2f} [{norm[1]:.2f}, {norm[2]:.2f}]{bold} |")
+            where = f"all {len(tasks)}" if len(having) == len(tasks) else " + ".join(having)
+            lines.append(f"| {where} | {row} | | | {bold}{norm[0]:.2f} [{norm[1]:.2f}, {norm[2]:.2f}]{bold} |")
     first = next(iter(tasks.values()))
     missing = [t for t in BRAX_TASKS if t not in tasks]
     lines.append("")
