@@ -113,7 +113,7 @@ class Args:
     """default: brax_<env>_<backend>_s<seed>"""
     protocol: bool = False
     """run the tuned protocol on --protocol-tasks instead of one comparison (each task with its preset): adam,
-    sign_sgd and lopt each at the lr it scores best with on --selection-seeds seeds, reported with adam_brax and lopt
+    sign_sgd, lopt and open each at the lr it scores best with on --selection-seeds seeds, reported with adam_brax and lopt
     at the paper's 3e-4 on --num-seeds (default 8 here) other seeds; every run is saved under --results-dir, where
     a rerun finds it"""
     protocol_tasks: tuple[str, ...] = ("inverted_double_pendulum", "hopper", "reacher", "ant")

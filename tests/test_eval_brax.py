@@ -272,7 +272,7 @@ def test_unknown_env_lists_brax_environments(cli):
 # --protocol: the lr picked on selection seeds, reported on others, every run saved and reused
 # ------------------------------------------------------------------------------------------------
 
-PEAK_LR = {"adam": 3e-3, "sign_sgd": 1e-4, "lopt": 3e-4, "adam_brax": 3e-4}  # adam's peak is beyond the grid
+PEAK_LR = {"adam": 3e-3, "sign_sgd": 1e-4, "lopt": 3e-4, "open": 1e-3, "adam_brax": 3e-4}  # adam's: beyond the grid
 
 
 def synthetic_runs(calls: list, fail_after: int | None = None):
@@ -308,11 +308,12 @@ def test_protocol_picks_on_selection_seeds_and_reports_on_others(tmp_path, monke
     eb.cli(protocol_argv(tmp_path))
     protocol = json.loads((tmp_path / "fast" / "protocol.json").read_text())
     # adam's peak (3e-3) is past the grid's top: the grid grows there (1e-3 x 10/3) and stops once it brackets it
-    assert protocol["picked_lr"] == {"adam": 3.33e-3, "sign_sgd": 1e-4, "lopt": 3e-4}
+    assert protocol["picked_lr"] == {"adam": 3.33e-3, "sign_sgd": 1e-4, "lopt": 3e-4, "open": 1e-3}
     assert list(protocol["selection_mean_final_return"]["adam"]) == ["1.00e-04", "3.00e-04", "1.00e-03", "3.33e-03",
                                                                       "1.11e-02"]
     assert protocol["reported"] == {"adam": "adam@3.33e-03_reported.json", "sign_sgd": "sign_sgd@1.00e-04_reported.json",
                                     "lopt": "lopt@3.00e-04_reported.json",
+                                    "open": "open@1.00e-03_reported.json",
                                     "lopt_paper_lr": "lopt@3.00e-04_reported.json",
                                     "adam_brax": "adam_brax@3.00e-04_reported.json"}
     selection = [k for name, k in calls if name.endswith("selection")]
@@ -324,9 +325,9 @@ def test_protocol_picks_on_selection_seeds_and_reports_on_others(tmp_path, monke
     run = json.loads((tmp_path / "fast" / "adam@3.33e-03_reported.json").read_text())
     assert np.array(run["returns"]).shape == (2, len(run["env_steps"]))  # [seed, evaluation], for the curves
     assert run["lopt_path"] is None and protocol["lopt_path"] == "checkpoints/optim4rl_gridworld.msgpack"
-    # selection: adam's grid grew twice upwards, sign-SGD's once downwards (its best, 1e-4, was the bottom edge);
-    # then the four distinct reported runs
-    assert len(calls) == 5 + 4 + 3 + 4
+    # selection: adam's grid grew twice upwards, sign-SGD's once downwards (its best, 1e-4, was the bottom edge),
+    # OPEN's once upwards (1e-3, the top edge); then the five distinct reported runs
+    assert len(calls) == 5 + 4 + 3 + 4 + 5
 
 
 def jax_random_split(seed, n):
@@ -345,16 +346,16 @@ def test_protocol_resumes_from_its_saved_runs(tmp_path, monkeypatch, fast_task):
     assert len(list((tmp_path / "fast").glob("*.json"))) == 4 and not (tmp_path / "fast" / "protocol.json").exists()
     monkeypatch.setattr(eb, "run_optimizer", synthetic_runs(calls))
     eb.cli(protocol_argv(tmp_path))
-    assert len(calls) == 16 and len({name for name, _ in calls}) == 16  # nothing ran twice
+    assert len(calls) == 21 and len({name for name, _ in calls}) == 21  # nothing ran twice
     first = (tmp_path / "fast" / "protocol.json").read_text()
     eb.cli(protocol_argv(tmp_path))
-    assert len(calls) == 16 and (tmp_path / "fast" / "protocol.json").read_text() == first
+    assert len(calls) == 21 and (tmp_path / "fast" / "protocol.json").read_text() == first
     other = tmp_path / "other.msgpack"  # the same optimizer, another file content: its runs are not reused
     checkpoint = train_lopt.load_msgpack(train_lopt.PRETRAINED_OPTIMIZER)
     checkpoint["meta_step"] = checkpoint.get("meta_step", 0) + 1
     save_msgpack(str(other), checkpoint)
     eb.cli(protocol_argv(tmp_path, "--lopt-path", str(other)))
-    assert {name.split()[1].split("@")[0] for name, _ in calls[16:]} == {"lopt"} and len(calls) == 16 + 4
+    assert {name.split()[1].split("@")[0] for name, _ in calls[21:]} == {"lopt"} and len(calls) == 21 + 4
 
 
 # Bad --protocol input, each rejected before any run (in-process: the one-line CLI form is tested above)
