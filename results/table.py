@@ -31,8 +31,9 @@ PREVIOUS = "--lopt-path checkpoints/previous/optim4rl_gridworld.msgpack"  # ship
 FIRST = "--lopt-path checkpoints/2026-11-25/optim4rl_gridworld.msgpack"  # shipped 2026-11-25 to 2026-11-28
 E6 = "--eval-steps 1000000"
 # result file -> the command that wrote it (as runs/<run-name>/eval.json, then copied here; a file written before
-# its checkpoint moved under checkpoints/ names the checkpoint's new place). gridworld_shipped_1e6.json is
-# gridworld_envs32_s2_1e6.json, the same checkpoint: its 1e5 command reproduced gridworld_envs32_s2_1e5.json exactly
+# its checkpoint moved under checkpoints/ names the checkpoint's new place). The shipped files were rerun on
+# 2026-12-06, when OPEN joined the evaluation: same checkpoint as gridworld_envs32_s2_*.json, other numerics
+# (docs/results.md, "Rerun with OPEN")
 FILES = {
     "gridworld_shipped_1e5.json": "python train_lopt.py --env-group gridworld --eval-only",
     "gridworld_shipped_1e6.json": f"python train_lopt.py --env-group gridworld --eval-only {E6}",
@@ -49,6 +50,7 @@ ROWS = {  # eval.json name -> row label
     "rmsprop": "RMSProp, lr tuned",
     "adam": "Adam, lr tuned",
 }
+OPEN_ROWS = ("lopt", "lopt_tuned", "open", "sign_sgd", "adam")  # docs/open.md's table: the two learned optimizers
 BRAX = "python eval_brax.py --num-seeds 8"
 # Brax result file -> the command that wrote it (its summary.json, copied here; the _tuned and _adam_brax files were
 # run while the optimizer now in checkpoints/previous/ was the shipped one, the default --lopt-path then)
@@ -200,13 +202,13 @@ def report_rows(report: dict, rows: dict[str, str]) -> list[str]:
     return lines
 
 
-def gridworld_table(files: list[str], headroom_kinds: tuple[str, ...] = ()) -> str:
+def gridworld_table(files: list[str], headroom_kinds: tuple[str, ...] = (), rows: dict[str, str] = ROWS) -> str:
     reports = [load(f) for f in files if os.path.exists(os.path.join(HERE, f))]
     if not reports:
         return "_(no result files yet)_"
     lines = table_head(list(reports[0]["tasks"]))
     for report in reports:
-        lines += report_rows(report, ROWS) + headroom_rows(report, headroom_kinds)
+        lines += report_rows(report, rows) + headroom_rows(report, headroom_kinds)
     seeds = {(r["eval_seeds"], r["val_seeds"]) for r in reports}
     lines.append("")
     lines.append("Normalised final return, 0 = random policy, 1 = tuned Adam (mean): interquartile mean over "
@@ -655,6 +657,7 @@ def tables() -> dict[str, str]:
             "gridworld-previous": gridworld_table(TABLES["gridworld-previous"]),
             "gridworld-2026-11-25": gridworld_table(TABLES["gridworld-2026-11-25"]),
             "gridworld-headroom": headroom_table(),
+            "gridworld-open": gridworld_table(TABLES["gridworld"], rows={n: ROWS[n] for n in OPEN_ROWS}),
             "meta-gradient-signal": signal_table(), "meta-gradient-along": along_table(),
             "brax": brax_table(), "brax-summary": brax_summary_table(),
             "brax-same-seed-selection": brax_untuned_selection_table(),
@@ -665,7 +668,8 @@ def tables() -> dict[str, str]:
 
 
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)\n?(<!-- /table:(?P=name) -->)", re.S)
-DOCUMENTS = ["README.md", os.path.join("docs", "results.md"), os.path.join("docs", "brax.md")]
+DOCUMENTS = ["README.md", os.path.join("docs", "results.md"), os.path.join("docs", "brax.md"),
+             os.path.join("docs", "open.md")]
 
 
 def blocks(text: str) -> dict[str, str]:
