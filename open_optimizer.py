@@ -119,13 +119,10 @@ def layer_proportions_by_module(params) -> Any:
 
 
 def given(tree_or_function, params, default):
-    """A per-leaf input given as a tree, as a function (of params, or of nothing where params is None), or not at
-    all (default(params))."""
+    """A per-leaf input given as a tree, as a function of params, or not at all (default(params))."""
     if tree_or_function is None:
         return default(params)
-    if not callable(tree_or_function):
-        return tree_or_function
-    return tree_or_function() if params is None else tree_or_function(params)
+    return tree_or_function(params) if callable(tree_or_function) else tree_or_function
 
 
 def mlp_neuron_activity(mlp_params, x: jax.Array, activation) -> Any:
@@ -139,8 +136,8 @@ def mlp_neuron_activity(mlp_params, x: jax.Array, activation) -> Any:
         x = x @ layers[name]["kernel"] + layers[name]["bias"]
         if i < len(names) - 1:
             x = activation(x)
-        activity[name] = jax.tree.map(lambda _, a=jnp.mean(jnp.abs(x), axis=tuple(range(x.ndim - 1))): a,
-                                      layers[name])
+        mean_abs = jnp.mean(jnp.abs(x), axis=tuple(range(x.ndim - 1)))
+        activity[name] = {leaf: mean_abs for leaf in layers[name]}
     return {"params": activity}
 
 
@@ -197,7 +194,7 @@ def open_optimizer(num_updates: int, learning_rate: float = DEFAULT_LR, epochs: 
         momenta = jax.tree.map(lambda m, g: decays * m + (1 - decays) * g[..., None], state.momenta, grads)
         depth = given(layer_proportions, params, layer_proportions_by_module)
         mask = given(noise_mask, params, lambda p: jax.tree.map(lambda _: 1.0, p))
-        activity = given(neuron_activity, None, lambda _: None)
+        activity = neuron_activity() if callable(neuron_activity) else neuron_activity
         activity = [None] * treedef.num_leaves if activity is None else leaves(activity)
         key, noise_key = jax.random.split(state.key)
         noise_keys = jax.random.split(noise_key, treedef.num_leaves)
