@@ -370,20 +370,24 @@ def brax_summary_table(folder: str = os.path.join(HERE, "brax")) -> str:
     if not tasks:
         return "_(no result files yet)_"
     normalized = {task: brax_normalized(p) for task, p in tasks.items()}
-    columns = {"lopt": "learned, lr tuned", "lopt_paper_lr": "learned, 3e-4", "sign_sgd": "sign-SGD, tuned",
-               "adam": "Adam, tuned", "adam_brax": "Adam, Brax's"}
+    columns = {"lopt": "learned, lr tuned", "lopt_paper_lr": "learned, 3e-4", "open": "OPEN, tuned",
+               "sign_sgd": "sign-SGD, tuned", "adam": "Adam, tuned", "adam_brax": "Adam, Brax's"}
+    if not any("open" in normalized[task] for task in tasks):
+        del columns["open"]
     lines = ["| task | " + " | ".join(columns.values()) + " |", "|---|" + "---:|" * len(columns)]
 
     def cell(scores, label):
+        if any(score is None for score in scores):  # a task whose protocol ran before this optimizer joined it
+            return "n/a"
         iqm, low, high = iqm_interval(scores)
         bold = "**" if label == "lopt" else ""
         return f"{bold}{iqm:.2f} [{low:.2f}, {high:.2f}]{bold}"
 
     for task in tasks:
-        lines.append(f"| {task} | " + " | ".join(cell([normalized[task][c]], c) for c in columns) + " |")
+        lines.append(f"| {task} | " + " | ".join(cell([normalized[task].get(c)], c) for c in columns) + " |")
     if len(tasks) > 1:
         lines.append(f"| all {len(tasks)} | "
-                     + " | ".join(cell([normalized[t][c] for t in tasks], c) for c in columns) + " |")
+                     + " | ".join(cell([normalized[t].get(c) for t in tasks], c) for c in columns) + " |")
     first = next(iter(tasks.values()))
     lines.append("")
     lines.append(f"Final deterministic return, IQM [95% CI] over {first['num_seeds']} seeds per task, normalised "
@@ -409,9 +413,12 @@ def plot_brax(path: str, folder: str = os.path.join(HERE, "brax")) -> None:
     for ax in axes.flat[len(tasks):]:
         ax.set_visible(False)
     for ax, (task, protocol) in zip(axes.flat, tasks.items()):
-        lines = {"lopt": ("C3", "learned optimizer"), "sign_sgd": ("C2", "sign-SGD (its meta-step-0 self)"),
-                 "adam": ("C0", "Adam, its clip"), "adam_brax": ("C7", "Adam, Brax's setting")}
+        lines = {"lopt": ("C3", "learned optimizer"), "open": ("C1", "OPEN (gridworld weights)"),
+                 "sign_sgd": ("C2", "sign-SGD (its meta-step-0 self)"), "adam": ("C0", "Adam, its clip"),
+                 "adam_brax": ("C7", "Adam, Brax's setting")}
         for label, (color, name) in lines.items():
+            if label not in protocol["runs"]:
+                continue
             run = protocol["runs"][label]
             curve = np.array([iqm_interval([run["returns"][:, t]], samples=2000) for t in range(run["returns"].shape[1])])
             steps = np.array(run["env_steps"]) / 1e3
