@@ -169,6 +169,9 @@ class Args:
     """skip meta-training; evaluate --lopt-path on the group"""
     lopt_path: Annotated[str | None, MayChange] = PRETRAINED_OPTIMIZER
     """checkpoint for --eval-only; default: the optimizer shipped in checkpoints/"""
+    eval_open: Annotated[bool, MayChange] = True
+    """tune and report OPEN (open_optimizer.py, the published learned optimizer for RL) beside the baselines in the
+    final evaluation"""
     eval_tasks: Annotated[Literal["meta", "group"], MayChange] = "meta"
     """tasks of the final evaluation: 'meta': the meta-training tasks (--meta-tasks); 'group': the whole group"""
     eval_seeds: Annotated[int, MayChange] = 16
@@ -1049,7 +1052,7 @@ def evaluate_baselines(args: Args, evaluator: TaskEvaluator, init_params, cache:
     val_keys = evaluation_keys(evaluator.name, VAL_STREAM, args.val_seeds, "--val-seeds")
     eval_keys = evaluation_keys(evaluator.name, EVAL_STREAM, args.eval_seeds, "--eval-seeds")
     returns, lrs, sweeps = {}, {}, {}
-    for kind in TUNED:
+    for kind in TUNED if args.eval_open else BASELINES:
         lrs[kind], sweeps[kind] = tune_learning_rate(
             lambda grid: cache.returns(evaluator, kind, VAL_STREAM, args.val_seeds, grid), LR_GRID)
         returns[kind] = cache.returns(evaluator, kind, EVAL_STREAM, args.eval_seeds, [lrs[kind]])[lrs[kind]]
@@ -1081,7 +1084,8 @@ def evaluate_learned(args: Args, evaluator: TaskEvaluator, lopt_params, baseline
         [round_lr(lr * f) for f in LOPT_LR_FACTORS])
     returns["lopt_tuned"] = (returns["lopt"] if math.isclose(lrs["lopt_tuned"], lr)
                              else evaluator.lopt(lopt_params, eval_keys, lrs["lopt_tuned"]))
-    return {"returns": {n: returns[n] for n in EVAL_NAMES}, "lr": {n: lrs.get(n) for n in EVAL_NAMES},
+    names = [n for n in EVAL_NAMES if n in returns]  # without --eval-open, no "open"
+    return {"returns": {n: returns[n] for n in names}, "lr": {n: lrs.get(n) for n in names},
             "lr_sweep": {k: {lr: selection_score(r) for lr, r in sorted(s.items())} for k, s in sweeps.items()}}
 
 
@@ -1626,7 +1630,7 @@ def format_eval_table(results: dict, lopt_step: int, args: Args) -> str:
     tasks = list(results)
     interval = lambda s: "n/a" if s[0] != s[0] else f"{s[0]:.2f} [{s[1]:.2f}, {s[2]:.2f}]"  # noqa: E731
     rows = [["optimizer", *tasks, f"informative tasks ({len(summary['informative_tasks'])})"]]
-    for name in EVAL_NAMES:
+    for name in summary["per_task"][tasks[0]]:
         cells = [f"{interval(summary['per_task'][t][name])} @ {format_lr(results[t]['lr'][name]) or '-'}"
                  for t in tasks]
         rows.append([name, *cells, interval(summary["aggregate"][name]) if summary["aggregate"] else "none"])

@@ -59,8 +59,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("catch",)  # catch: cheapest to compile, and its 9-step episodes end inside tiny evaluations
 TINY = dict(env_group="catch", num_agents=2, num_envs=1, rollout_steps=4, inner_updates=2, hidden_size=8,
             meta_steps=2, save_every=1, log_every=1, eval_seeds=2, eval_steps=64, eval_envs=1, seed=0, val_every=0,
-            val_seeds=2, val_steps=64)
+            val_seeds=2, val_steps=64, eval_open=False)  # OPEN's programs: compiled by test_main_end_to_end alone
 SIGN_SGD = 1.0 / math.sqrt(1.0 + 1e-8)  # Optim4RL at initialisation: sign(g) / sqrt(exp(0) + 1e-8)
+
+
+def cli_flags(settings: dict) -> list[str]:
+    """train_lopt.py's command line for these settings (a boolean is --name or --no-name)."""
+    flags = []
+    for k, v in settings.items():
+        if isinstance(v, bool):
+            flags.append(flag_name(k) if v else flag_name(k).replace("--", "--no-", 1))
+        else:
+            flags += [flag_name(k), str(v)]
+    return flags
 
 
 def tiny_args(**overrides) -> Args:
@@ -755,8 +766,7 @@ def test_signal_stops_saves_and_resumes_to_the_same_result(signum, tmp_path):
     meta-step it stops after (far from --save-every), says so in one line, exits 128 + the signal without a traceback
     or the final evaluation; --resume then ends where an uninterrupted run does."""
     out, folder = tmp_path / "out", str(tmp_path / "out" / "run")
-    flags = [a for k, v in {**TINY, "meta_steps": 100_000, "save_every": 100_000}.items()
-             for a in (flag_name(k), str(v))]
+    flags = cli_flags({**TINY, "meta_steps": 100_000, "save_every": 100_000})
     cache = jax.config.jax_compilation_cache_dir  # conftest's: the tiny program is compiled there already
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
@@ -925,9 +935,10 @@ tl.meta_train(args, {TASKS!r}, {str(tmp_path)!r})
 
 
 def test_main_end_to_end(tmp_path):
-    """main(): meta-train, save, plot, evaluate; then eval-only from the checkpoint reproduces the numbers."""
+    """main(): meta-train, save, plot, evaluate (OPEN too); then eval-only from the checkpoint reproduces the
+    numbers."""
     out = str(tmp_path)
-    tl.main(tiny_args(out_dir=out, run_name="run"))
+    tl.main(tiny_args(out_dir=out, run_name="run", eval_open=True))
     folder = os.path.join(out, "run")
     for name in ("optimizer.msgpack", "metrics.csv", "meta_training.png", "eval.json", "args.json"):
         assert os.path.getsize(os.path.join(folder, name)) > 0, name
@@ -938,14 +949,15 @@ def test_main_end_to_end(tmp_path):
         for name, returns in results["returns"].items():  # per-seed final returns, all finite
             assert len(returns) == TINY["eval_seeds"] and all(math.isfinite(v) for v in returns), (name, returns)
         assert results["lr"]["lopt"] == results["lr"]["lopt_init"] == tl.Args.lopt_lr
-        for name in tl.BASELINES:  # each baseline was swept over at least the whole grid, and picked from it
+        for name in tl.TUNED:  # each baseline and OPEN was swept over at least the whole grid, and picked from it
             assert set(map(float, results["lr_sweep"][name])) >= set(tl.LR_GRID)
             assert results["lr"][name] in map(float, results["lr_sweep"][name])
         iqm, low, high = results["normalized_iqm_ci"]["lopt"]
         assert low <= iqm <= high
     assert report["lopt_path"] == "optimizer.msgpack"  # outside the repository: recorded by name alone
 
-    tl.main(tiny_args(out_dir=out, run_name="again", eval_only=True, lopt_path=os.path.join(folder, "optimizer.msgpack")))
+    tl.main(tiny_args(out_dir=out, run_name="again", eval_only=True, eval_open=True,
+                      lopt_path=os.path.join(folder, "optimizer.msgpack")))
     again = json.load(open(os.path.join(out, "again", "eval.json")))
     assert set(os.listdir(os.path.join(out, "again"))) == {"eval.json"}  # nothing trained
     for task in TASKS:
@@ -1203,7 +1215,8 @@ def test_a_task_is_scored_the_same_alone_in_a_group_and_for_any_meta_seed(tmp_pa
     alone = json.load(open(tmp_path / "a" / "alone" / "eval.json"))["tasks"]
     group = json.load(open(tmp_path / "b" / "group" / "eval.json"))["tasks"]
     assert list(alone) == ["catch"] and list(group) == ["small_dense_short", "catch"]
-    for name in EVAL_NAMES:
+    assert "open" not in alone["catch"]["returns"]  # --no-eval-open
+    for name in alone["catch"]["returns"]:
         np.testing.assert_allclose(group["catch"]["returns"][name], alone["catch"]["returns"][name],
                                    rtol=1e-5, atol=1e-6)
     assert group["catch"]["lr"] == alone["catch"]["lr"]
@@ -1356,7 +1369,7 @@ def test_paper_job_is_a_wall_and_leaves_small_files(tmp_path):
     out, work, budget = tmp_path / "out", tmp_path / "work", 30
     settings = {**TINY, "val_every": 10**6, "reset_interval": 64, "meta_lr": 3e-3, "meta_steps": 10**6,
                 "save_every": 10**6, "log_every": 10**6}
-    flags = [a for k, v in settings.items() for a in (flag_name(k), str(v))]
+    flags = cli_flags(settings)
     cache = jax.config.jax_compilation_cache_dir  # conftest's: the tiny programs may be compiled there already
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, WORK_DIR=str(work),
                JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
