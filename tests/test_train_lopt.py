@@ -665,7 +665,7 @@ def test_resume_compares_the_fields_not_marked_may_change(tmp_path):
     assert marked == {"resume", "meta_steps", "save_every", "log_every", "eval_only", "lopt_path", "eval_tasks",
                       "eval_seeds", "eval_steps", "eval_envs", "max_bad_steps", "out_dir", "run_name", "distributed",
                       "coordinator_address", "num_processes", "process_id", "agents_per_chunk", "time_limit",
-                      "final_eval", "val_every"}
+                      "final_eval", "val_every", "eval_open"}
     assert set(tl.resume_settings(tiny_args())) == {f.name for f in dataclasses.fields(Args)} - marked
     saved = tl.resume_settings(tiny_args())
 
