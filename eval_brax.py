@@ -36,7 +36,6 @@ from brax.training.acme import running_statistics, specs
 from brax.training.agents.ppo import losses as brax_ppo_losses
 from brax.training.agents.ppo import networks as brax_ppo_networks
 
-from open_optimizer import OPEN_WEIGHTS, mlp_neuron_activity, open_optimizer
 from common import (
     PRETRAINED_OPTIMIZER,
     REPOSITORY,
@@ -52,6 +51,7 @@ from common import (
     run_cli,
     tune_learning_rate,
 )
+from open_optimizer import OPEN_WEIGHTS, mlp_neuron_activity, open_optimizer
 
 OptimizerName = Literal["adam", "adam_brax", "rmsprop", "sgd", "sign_sgd", "lopt", "open"]
 
@@ -371,9 +371,8 @@ def make_optimizer(args: Args, name: str, lr: float) -> optax.GradientTransforma
     if name == "open":  # the actor (the policy network) gets OPEN's learned noise, the critic none
         return open_optimizer(int(eval_schedule(args)[0].sum()), lr, epochs=args.num_updates_per_batch,
                               minibatches=args.num_minibatches,
-                              noise_mask=lambda params: params.replace(
-                                  policy=jax.tree.map(jnp.ones_like, params.policy),
-                                  value=jax.tree.map(jnp.zeros_like, params.value)))
+                              noise_mask=lambda params: params.replace(policy=jax.tree.map(lambda _: 1.0, params.policy),
+                                                                       value=jax.tree.map(lambda _: 0.0, params.value)))
     if name == "adam_brax":
         clip = optax.clip_by_global_norm(args.max_grad_norm) if args.max_grad_norm else None
         tx = optax.adam(lr)

@@ -42,7 +42,6 @@ from gymnax.wrappers.purerl import LogWrapper
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec
 
-from open_optimizer import open_optimizer
 from common import (
     ENV_GROUPS,
     GRIDWORLDS,
@@ -70,6 +69,7 @@ from common import (
     selection_score,
     tune_learning_rate,
 )
+from open_optimizer import open_optimizer
 
 EnvGroup = Literal[tuple(ENV_GROUPS)]  # "gridworld", any single gridworld name, or "catch"
 # Marks an Args field that a resumed run may change (how long to run, where to write, how to evaluate, how fast).
