@@ -1,0 +1,153 @@
+"""Tests for step_probe.py: the snapshot transform keeps the right updates, each variant of the learned optimizer
+changes the one thing it names, the per-tensor statistics on inputs with known answers, and flag errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import step_probe as sp
+import train_lopt
+from common import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LR = 1e-3
+
+
+def toy_grads(scale_b: float = 1.0, seed: int = 0):
+    """Two tensors whose gradients differ in scale by about two decades, one zero coordinate in each."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(3, 4)).astype(np.float32) * 0.3
+    b = rng.normal(size=(5,)).astype(np.float32) * 3e-3 * scale_b
+    a[0, 0], b[2] = 0.0, 0.0
+    return {"a": jnp.asarray(a), "b": jnp.asarray(b)}
+
+
+def run_updates(tx, grads_list):
+    params = jax.tree.map(jnp.zeros_like, grads_list[0])
+    state, steps = tx.init(params), []
+    for grads in grads_list:
+        step, state = jax.jit(tx.update)(grads, state)
+        steps.append(step)
+    return steps, state
+
+
+def test_snapshotting_keeps_the_chosen_updates_and_changes_nothing():
+    grads = [toy_grads(seed=i) for i in range(5)]
+    tx = optax.sgd(0.5)
+    recorded_steps, state = run_updates(sp.snapshotting(tx, np.array([3, 1])), grads)
+    plain_steps, _ = run_updates(tx, grads)
+    for a, b in zip(recorded_steps, plain_steps):
+        np.testing.assert_array_equal(ravel_pytree(a)[0], ravel_pytree(b)[0])
+    flat = lambda tree: np.asarray(ravel_pytree(tree)[0])
+    np.testing.assert_array_equal(state.grads, np.stack([flat(grads[1]), flat(grads[3])]))
+    np.testing.assert_allclose(state.steps, -0.5 * state.grads)
+    assert int(state.count) == 5
+
+
+def test_snapshot_windows_are_the_first_and_last_tenth():
+    early, late = sp.snapshot_updates(1000, 4)
+    assert early.tolist() == [0, 33, 66, 99] and late.tolist() == [900, 933, 966, 999]
+    early, late = sp.snapshot_updates(5, 8)  # fewer updates than snapshots: each window is one update
+    assert early.tolist() == [0] and late.tolist() == [4]
+
+
+def variant(name: str, **changes):
+    args = sp.Args(**changes)
+    return sp.learned_variant(name, args, LR, 1.0)
+
+
+def moving_values(tree, grads):
+    return {k: np.asarray(tree[k])[np.asarray(grads[k]) != 0] for k in tree}
+
+
+@pytest.fixture(scope="module")
+def shipped_steps():
+    grads = [toy_grads(seed=i) for i in range(3)]
+    tx = train_lopt.load_optimizer(sp.PRETRAINED_OPTIMIZER, LR, 1.0)
+    return grads, run_updates(tx, grads)[0]
+
+
+def test_unchanged_variant_parts_match_the_shipped_optimizer(shipped_steps):
+    """'reset' with a long interval changes nothing after its first reset: it is the shipped optimizer."""
+    grads, expected = shipped_steps
+    steps, _ = run_updates(variant("reset", reset_every=100), grads)
+    for s, e in zip(steps, expected):
+        np.testing.assert_allclose(s["a"], e["a"], rtol=1e-6)
+        np.testing.assert_allclose(s["b"], e["b"], rtol=1e-6)
+
+
+def test_reset_restarts_the_recurrent_state():
+    grads = [toy_grads(seed=0)] * 3
+    steps, _ = run_updates(variant("reset", reset_every=2), grads)
+    np.testing.assert_allclose(steps[2]["a"], steps[0]["a"], rtol=1e-6)  # update 2 starts from a zero state
+    assert not np.allclose(steps[1]["a"], steps[0]["a"])  # the state carried over changes the step
+
+
+def test_tensor_mean_removes_the_shape_and_keeps_the_size(shipped_steps):
+    grads, expected = shipped_steps
+    steps, _ = run_updates(variant("tensor_mean"), grads)
+    for s, e, g in zip(steps, expected, grads):
+        s, e = moving_values(s, g), moving_values(e, g)
+        for k in s:
+            np.testing.assert_allclose(np.abs(s[k]), np.abs(e[k]).mean(), rtol=1e-5)
+            np.testing.assert_array_equal(np.sign(s[k]), np.sign(e[k]))
+
+
+def test_tensor_norm_gives_every_tensor_sign_sgds_size(shipped_steps):
+    grads, expected = shipped_steps
+    steps, _ = run_updates(variant("tensor_norm"), grads)
+    for s, e, g in zip(steps, expected, grads):
+        s, e = moving_values(s, g), moving_values(e, g)
+        for k in s:
+            np.testing.assert_allclose(np.sqrt(np.mean(np.square(s[k]))), LR, rtol=1e-5)
+            np.testing.assert_allclose(s[k] / np.abs(s[k]).max(), e[k] / np.abs(e[k]).max(), rtol=1e-4)
+        assert np.all(np.asarray(steps[0]["a"])[0, 0] == 0)  # a zero gradient still does not move
+
+
+def test_rescaled_is_blind_to_a_tensors_gradient_scale():
+    """The scale of each tensor's gradient is divided out, so multiplying one tensor's by 100 changes nothing."""
+    small = run_updates(variant("rescaled"), [toy_grads(scale_b=1.0, seed=i) for i in range(3)])[0]
+    large = run_updates(variant("rescaled"), [toy_grads(scale_b=100.0, seed=i) for i in range(3)])[0]
+    for s, l in zip(small, large):
+        np.testing.assert_allclose(s["b"], l["b"], rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(s["a"], l["a"], rtol=1e-6)
+    shipped = train_lopt.load_optimizer(sp.PRETRAINED_OPTIMIZER, LR, 1.0)  # which is not
+    small, large = (run_updates(shipped, [toy_grads(scale_b=scale, seed=i) for i in range(3)])[0][-1]
+                    for scale in (1.0, 100.0))
+    assert not np.allclose(np.asarray(small["b"]), np.asarray(large["b"]), rtol=1e-2)
+
+
+def test_window_stats_on_known_steps():
+    """sign-SGD-like steps (lr where g != 0) have multiplier 1; the step shares follow the moving coordinates."""
+    grads = np.array([[0.5, -2.0, 0.0, 1e-3], [0.1, 0.1, 0.1, 0.0]], np.float32)
+    steps = -LR * np.sign(grads)
+    stats = sp.window_stats(grads, steps, LR, ["w", "b"], [3, 1], grad_clip=1.0)
+    w, b = stats["tensors"]["w"], stats["tensors"]["b"]
+    assert w["log10_multiplier_q05_q50_q95"] == pytest.approx([0, 0, 0], abs=1e-6)
+    assert w["at_clip_fraction"] == pytest.approx(1 / 5)  # -2.0, clipped to -1: one of the five moving entries
+    assert w["zero_grad_fraction"] == pytest.approx(1 / 6)
+    # Sample 0: 3 moving coordinates, one in b; sample 1: all three in w.
+    assert b["step_share"] == pytest.approx((1 / 3 + 0) / 2)
+    assert stats["all"]["top1pct_step_share"] == pytest.approx(1 / 3)  # 1 of 4 coordinates, of 3 equal steps
+
+
+def test_bad_flags_are_one_line_errors():
+    with pytest.raises(UserError, match="--tasks catch"):
+        sp.check_settings(sp.Args(tasks=("catch",)))
+    with pytest.raises(UserError, match="--tasks small_dense_long"):  # the variants run on Brax only
+        sp.check_settings(sp.Args(mode="variants", tasks=("small_dense_long",)))
+    with pytest.raises(UserError, match="--grid-steps 5"):
+        sp.check_settings(sp.Args(grid_steps=(5,)))
+    result = subprocess.run([sys.executable, "step_probe.py", "--variants", "nope"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: --variants nope")
+    assert "Traceback" not in result.stderr
