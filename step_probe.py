@@ -69,6 +69,7 @@ class Args:
 
 WINDOW = 0.1  # early: the first 10% of a lifetime's updates; late: the last 10%
 LOG_FLOOR = -12.0  # log10 of a zero magnitude, for quantiles only (zero-gradient coordinates do not move)
+HISTOGRAM_EDGES = np.arange(-8.0, 0.51, 0.5)  # log10|g| bins of the histogram and of the multiplier curve
 
 
 # ================================================================================================
@@ -211,13 +212,15 @@ def brax_keys(args: eval_brax.Args, num_seeds: int) -> jax.Array:
     return eval_brax.protocol_keys(args)["selection"][:num_seeds]
 
 
-def brax_run(task: str, tx: optax.GradientTransformation, snapshots_at, num_seeds: int) -> Run:
+def brax_run(task: str, tx: optax.GradientTransformation, snapshots_at, num_seeds: int, label: str) -> Run:
     """PPO as eval_brax's protocol trains it, on the first num_seeds of its selection seeds."""
     args = brax_args(task)
     num_updates = brax_updates(args)
     tx = snapshotting(tx, snapshots_at(num_updates)) if snapshots_at else tx
     env = eval_brax.envs.get_environment(task, backend=args.backend)
-    runners, returns = jax.jit(eval_brax.make_train(args, env, tx))(brax_keys(args, num_seeds))
+    progress = eval_brax.ProgressPrinter(label, eval_brax.eval_schedule(args)[1], num_seeds)
+    train = eval_brax.make_train(args, env, tx, on_eval=progress, on_trained=progress.trained)
+    runners, returns = jax.jit(train)(brax_keys(args, num_seeds))
     params = jax.tree.map(lambda x: x[0], runners.params)
     names, sizes = tensor_layout({"policy": params.policy, "value": params.value})
     state = runners.opt_state
@@ -275,12 +278,14 @@ def window_stats(grads: np.ndarray, steps: np.ndarray, lr: float, names, sizes, 
         return columns.stop - columns.start
 
     per_tensor = {name: describe(slice(bounds[i], bounds[i + 1])) for i, name in enumerate(names)}
-    return {"all": {**describe(slice(0, bounds[-1])), "top1pct_step_share": float(top.mean())},
+    counts = np.histogram(log10_magnitude(g)[moving], HISTOGRAM_EDGES)[0]
+    return {"all": {**describe(slice(0, bounds[-1])), "top1pct_step_share": float(top.mean()),
+                    "log10_grad_histogram": counts.tolist()},
             "tensors": per_tensor}
 
 
 def multiplier_curve(grads: np.ndarray, steps: np.ndarray, lr: float, grad_clip: float,
-                     edges=np.arange(-8.0, 0.51, 0.5)) -> dict:
+                     edges=HISTOGRAM_EDGES) -> dict:
     """Mean log10(|step| / lr) in bins of log10|g| (the figure: how the step depends on the gradient's size)."""
     g = np.clip(grads, -grad_clip, grad_clip)
     m = g != 0
@@ -335,7 +340,7 @@ def stats_mode(args: Args) -> None:
             if steps:
                 run = grid_run(task, steps, tx, snapshots_at, args.num_seeds)
             else:
-                run = brax_run(task, tx, snapshots_at, args.num_seeds)
+                run = brax_run(task, tx, snapshots_at, args.num_seeds, f"{label} {name}")
             early, late = snapshot_updates(run.num_updates, args.snapshots)
             report["optimizers"][name] = {"learning_rate": lr, "num_updates": run.num_updates,
                                           "snapshot_updates": {"early": early.tolist(), "late": late.tolist()},
@@ -370,7 +375,7 @@ def variants_mode(args: Args) -> None:
             start = time.time()
             tx = learned_variant(variant, args, lr, ppo.grad_clip) if variant != "as_shipped" else \
                 train_lopt.load_optimizer(args.lopt_path, lr, ppo.grad_clip)
-            run = brax_run(task, tx, None, ppo.selection_seeds)
+            run = brax_run(task, tx, None, ppo.selection_seeds, f"{task} {variant}")
             report["variants"][variant] = {"final_returns": run.final_returns.tolist(),
                                            "settings": {"reset_every": args.reset_every,
                                                         "reference_log10_grad": args.reference_log10_grad}}

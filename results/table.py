@@ -659,6 +659,130 @@ def along_table() -> str:
     return "\n".join(lines)
 
 
+PROBE = os.path.join(HERE, "step_probe")  # step_probe.py's files: stats_<task>.json, variants_<task>.json
+PROBE_COMMAND = "python step_probe.py"
+PROBE_RUNS = {"small_dense_long_1e5": "small_dense_long, 1e5 (meta-trained here)",
+              "small_dense_short_1e5": "small_dense_short, 1e5 (meta-trained here)",
+              "small_dense_long_1e6": "small_dense_long, 1e6", "small_dense_short_1e6": "small_dense_short, 1e6",
+              **{task: task for task in BRAX_TASKS}}
+VARIANT_LABELS = {"as_shipped": "as shipped (rerun)", "reset": "recurrent state reset every 256 updates",
+                  "tensor_mean": "each tensor's step at its mean size (shape within tensors removed)",
+                  "tensor_norm": "each tensor's step at sign-SGD's size (shape between tensors removed)",
+                  "rescaled": "each tensor's gradient rescaled to mean log10|g| -1.3"}
+
+
+def load_probe(kind: str) -> dict[str, dict]:
+    found = {}
+    for label in PROBE_RUNS:
+        path = os.path.join(PROBE, f"{kind}_{label}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                found[label] = json.load(f)
+    return found
+
+
+def network_of(tensor: str) -> str:
+    """Brax PPO: policy or value network; the A2C agent: its shared trunk or one of its two heads."""
+    first = tensor.split("/")[0]
+    return {"Dense_0": "trunk", "Conv2x2_0": "trunk", "Dense_1": "policy head", "Dense_2": "value head"}.get(first, first)
+
+
+def network_shares(window: dict) -> str:
+    """Per network: its share of the squared step / its share of the moving coordinates."""
+    shares = {}
+    for name, t in window["tensors"].items():
+        moving = t["coordinates"] * (1 - t["zero_grad_fraction"])
+        step, count = shares.get(network_of(name), (0.0, 0.0))
+        shares[network_of(name)] = (step + t["step_share"], count + moving)
+    total = sum(count for _, count in shares.values())
+    return ", ".join(f"{net} {step:.2f}/{count / total:.2f}" for net, (step, count) in shares.items())
+
+
+def mechanism_table() -> str:
+    reports = load_probe("stats")
+    if not reports:
+        return "_(no result files yet)_"
+    lines = ["| task | updates | window | mean log10\|g\| [5%, 95%] | at the clip | step / sign-SGD's, log10 "
+             "[5%, 50%, 95%] | top 1% of coordinates' share of the step | corr(log\|g\|, log\|step\|) | "
+             "network: share of the step / of the moving coordinates | sign-SGD: mean log10\|g\|, top-1% share |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|---:|"]
+    for label, report in reports.items():
+        lopt, sign = report["optimizers"]["lopt"], report["optimizers"]["sign_sgd"]
+        for window in ("early", "late"):
+            a, s = lopt[window]["all"], sign[window]["all"]
+            g, m = a["log10_grad_q05_q50_q95"], a["log10_multiplier_q05_q50_q95"]
+            lines.append(f"| {PROBE_RUNS[label]} | {lopt['num_updates']} | {window} | "
+                         f"{a['log10_grad_mean']:.2f} [{g[0]:.1f}, {g[2]:.1f}] | {a['at_clip_fraction']:.0%} | "
+                         f"{m[0]:+.2f}, {m[1]:+.2f}, {m[2]:+.2f} | {a['top1pct_step_share']:.0%} | "
+                         f"{a.get('corr_log_grad_log_step', float('nan')):+.2f} | {network_shares(lopt[window])} | "
+                         f"{s['log10_grad_mean']:.2f}, {s['top1pct_step_share']:.0%} |")
+    lines.append("")
+    lines.append("The shipped learned optimizer at the lr the tuned protocol picked for it (its own lr on the grids), "
+                 "the whole gradient and step kept at 8 evenly spaced updates in the first (early) and last (late) "
+                 "10% of each lifetime, 2 seeds (the protocols' validation/selection seeds); sign-SGD, its meta-step-0 "
+                 "self, at its tuned lr on the same seeds. g is the gradient after the element-wise clip at 1, over the "
+                 "coordinates where it is not zero (the others do not move under either optimizer). step / sign-SGD's: "
+                 "|step| / lr, 1 for sign-SGD; the shipped optimizer divides its step by its RMS over all coordinates "
+                 "(--normalize-step), so only the spread is its own. Command: "
+                 f"`{PROBE_COMMAND}`; files: [results/step_probe/](results/step_probe/).")
+    return "\n".join(lines)
+
+
+def variants_table() -> str:
+    reports = load_probe("variants")
+    if not reports:
+        return "_(no result files yet)_"
+    lines = ["| task | lr | optimizer | final return, mean over the selection seeds | per seed |", "|---|---:|---|---:|---|"]
+    for label, report in reports.items():
+        rows = [("learned optimizer as shipped (committed run)", report["committed_lopt"]),
+                *((VARIANT_LABELS[v], r) for v, r in report["variants"].items()),
+                ("sign-SGD, lr tuned (committed run)", report["committed_sign_sgd"])]
+        for name, run in rows:
+            returns = run["final_returns"]
+            lr = run.get("learning_rate", report["learning_rate"])
+            lines.append(f"| {label} | {tl.format_lr(lr)} | {name} | {np.mean(returns):.0f} | "
+                         + ", ".join(f"{r:.0f}" for r in returns) + " |")
+    lines.append("")
+    lines.append("PPO on Brax with one change to the shipped learned optimizer at a time, at the lr the protocol "
+                 "picked for it, on the protocol's 4 selection seeds, so that each row is comparable with the "
+                 "committed runs on the same seeds (the reported seeds are not used). A diagnosis, not a selection: "
+                 "nothing is chosen by these scores. Command: "
+                 f"`{PROBE_COMMAND} --mode variants --tasks " + " ".join(reports) + "`; files: "
+                 + ", ".join(f"[results/step_probe/variants_{t}.json](results/step_probe/variants_{t}.json)"
+                             for t in reports) + ".")
+    return "\n".join(lines)
+
+
+def plot_mechanism(path: str) -> None:
+    """Left: where the gradients lie (log10|g| late in training); right: the step's size against |g|."""
+    reports = load_probe("stats")
+    if not reports:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    edges = np.arange(-8.0, 0.51, 0.5)
+    for i, (label, report) in enumerate(reports.items()):
+        late = report["optimizers"]["lopt"]["late"]
+        style = dict(color=f"C{i}", linestyle="--" if label.endswith("1e6") else "-")
+        counts = np.array(late["all"]["log10_grad_histogram"], float)
+        left.stairs(counts / counts.sum(), edges, label=PROBE_RUNS[label], **style)
+        curve = late["multiplier_curve"]
+        right.plot(curve["log10_grad"], curve["mean_log10_multiplier"], marker=".", **style)
+    left.set(xlabel="log10|g| after the clip", ylabel="fraction of moving coordinates",
+             title="the learned optimizer's inputs, last 10% of training")
+    right.axhline(0, color="k", linewidth=0.5)
+    right.set(xlabel="log10|g| after the clip", ylabel="mean log10(|step| / lr)  (sign-SGD: 0)",
+              title="its step against the gradient's size")
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def tables() -> dict[str, str]:
     return {"gridworld": gridworld_table(TABLES["gridworld"], ("schedule",)),
             "gridworld-previous": gridworld_table(TABLES["gridworld-previous"]),
@@ -671,12 +795,13 @@ def tables() -> dict[str, str]:
             "meta-screens": screens_table(), "policy-only-seeds": seeds_table(SEED_FILES),
             "envs-32-seeds": seeds_table(ENVS_32_FILES), "envs-32-seeds-1e6": seeds_table(ENVS_32_1E6_FILES),
             "aligned-screen": seeds_table(ALIGNED_FILES, column="env steps"),
-            "policy-only-2000": long_runs_table()}
+            "policy-only-2000": long_runs_table(),
+            "mechanism": mechanism_table(), "mechanism-variants": variants_table()}
 
 
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)\n?(<!-- /table:(?P=name) -->)", re.S)
 DOCUMENTS = ["README.md", os.path.join("docs", "results.md"), os.path.join("docs", "brax.md"),
-             os.path.join("docs", "open.md")]
+             os.path.join("docs", "open.md"), os.path.join("docs", "mechanism.md")]
 
 
 def blocks(text: str) -> dict[str, str]:
@@ -709,6 +834,7 @@ def main(argv: list[str]) -> None:
     plot_seed_runs(DEFAULT_RUNS, os.path.join(REPO, "docs", "meta_training_default.png"))
     plot_meta_grad(os.path.join(REPO, "docs", "meta_grad_pes.png"))
     plot_brax(os.path.join(REPO, "docs", "brax_protocol.png"))
+    plot_mechanism(os.path.join(REPO, "docs", "mechanism.png"))
 
 
 if __name__ == "__main__":
