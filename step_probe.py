@@ -186,7 +186,7 @@ def grid_run(task_name: str, steps: int, tx: optax.GradientTransformation, snaps
     args = train_lopt.Args()
     task = train_lopt.Task.make(task_name, train_lopt.Args(num_envs=args.eval_envs))
     num_updates = steps // (args.rollout_steps * args.eval_envs)
-    tx = snapshotting(tx, snapshots_at(num_updates))
+    tx = snapshotting(tx, snapshots_at(num_updates)) if snapshots_at else tx
     keys = train_lopt.evaluation_keys(task_name, train_lopt.VAL_STREAM, num_seeds, "--num-seeds")
 
     def train(key):
@@ -196,8 +196,8 @@ def grid_run(task_name: str, steps: int, tx: optax.GradientTransformation, snaps
 
     state, (return_sum, return_count) = jax.jit(jax.vmap(train))(keys)
     names, sizes = tensor_layout(task.init_params(keys[0]))
-    return Run(names, sizes, np.asarray(state.grads), np.asarray(state.steps),
-               train_lopt.final_returns(return_sum, return_count), num_updates)
+    kept = (np.asarray(state.grads), np.asarray(state.steps)) if snapshots_at else (None, None)
+    return Run(names, sizes, *kept, train_lopt.final_returns(return_sum, return_count), num_updates)
 
 
 def brax_args(task: str) -> eval_brax.Args:
@@ -224,8 +224,8 @@ def brax_run(task: str, tx: optax.GradientTransformation, snapshots_at, num_seed
     params = jax.tree.map(lambda x: x[0], runners.params)
     names, sizes = tensor_layout({"policy": params.policy, "value": params.value})
     state = runners.opt_state
-    grads, steps = (np.asarray(state.grads), np.asarray(state.steps)) if snapshots_at else (None, None)
-    return Run(names, sizes, grads, steps, np.asarray(returns)[-1], num_updates)
+    kept = (np.asarray(state.grads), np.asarray(state.steps)) if snapshots_at else (None, None)
+    return Run(names, sizes, *kept, np.asarray(returns)[-1], num_updates)
 
 
 def picked_lr(task: str, name: str, grid_steps: int | None) -> float:
@@ -327,10 +327,9 @@ def stats_mode(args: Args) -> None:
     runs = [(task, steps) for task in args.tasks if task in GRID_TASKS for steps in args.grid_steps]
     runs += [(task, None) for task in args.tasks if task in BRAX_TASKS]
     for task, steps in runs:
-        label = f"{task}_{steps:.0e}".replace("+0", "") if steps else task
+        label = run_label(task, steps)
         path = os.path.join(args.results_dir, f"stats_{label}.json")
-        grad_clip = train_lopt.read_optimizer_checkpoint(args.lopt_path)["config"]["grad_clip"] if steps else \
-            brax_args(task).grad_clip
+        grad_clip = grid_clip(args) if steps else brax_args(task).grad_clip
         report = {"task": task, "env_steps": steps or int(eval_brax.eval_schedule(brax_args(task))[1][-1]),
                   "grad_clip": grad_clip, "optimizers": {}}
         for name in ("lopt", "sign_sgd"):
@@ -356,40 +355,67 @@ def stats_mode(args: Args) -> None:
         print(f"wrote {recorded(path)}", flush=True)
 
 
+def run_label(task: str, steps: int | None) -> str:
+    """stats_<label>.json / variants_<label>.json: a Brax task's name, or a grid task with its lifetime (1e5)."""
+    return f"{task}_{steps:.0e}".replace("+0", "") if steps else task
+
+
 def variants_mode(args: Args) -> None:
-    for task in args.tasks:
-        ppo = brax_args(task)
-        lr = picked_lr(task, "lopt", None)
-        path = os.path.join(args.results_dir, f"variants_{task}.json")
-        report = {"task": task, "learning_rate": lr, "seeds": "the protocol's selection seeds",
-                  "num_seeds": ppo.selection_seeds, "variants": {}}
-        if os.path.exists(path):
+    """Each variant beside the shipped optimizer and sign-SGD on the same seeds. On Brax those two are the committed
+    selection runs; on the grids (cheap) both are rerun here, on the final evaluation's validation seeds."""
+    runs = [(task, steps) for task in args.tasks if task in GRID_TASKS for steps in args.grid_steps]
+    runs += [(task, None) for task in args.tasks if task in BRAX_TASKS]
+    for task, steps in runs:
+        label = run_label(task, steps)
+        path = os.path.join(args.results_dir, f"variants_{label}.json")
+        grad_clip = grid_clip(args) if steps else brax_args(task).grad_clip
+        num_seeds = train_lopt.Args().val_seeds if steps else brax_args(task).selection_seeds
+        report = {"task": task, "env_steps": steps, "learning_rate": picked_lr(task, "lopt", steps),
+                  "seeds": "the final evaluation's validation seeds" if steps else "the protocol's selection seeds",
+                  "num_seeds": num_seeds, "references": {}, "variants": {}}
+        if os.path.exists(path):  # a rerun adds to (or replaces) the variants already there
             with open(path) as f:
                 report = json.load(f)
-        for name in ("lopt", "sign_sgd"):  # the committed runs on the same seeds, for comparison
-            file = os.path.join(REPOSITORY, "results", "brax", task, f"{name}@{picked_lr(task, name, None):.2e}_selection.json")
-            with open(file) as f:
-                report[f"committed_{name}"] = {"file": recorded(file), "learning_rate": picked_lr(task, name, None),
-                                               "final_returns": json.load(f)["final_returns"]}
+
+        def train(tx, name):
+            if steps:
+                return grid_run(task, steps, tx, None, num_seeds).final_returns
+            return brax_run(task, tx, None, num_seeds, f"{label} {name}").final_returns
+
+        for name in ("lopt", "sign_sgd"):
+            lr = picked_lr(task, name, steps)
+            if steps:
+                report["references"][name] = {"source": "rerun", "learning_rate": lr,
+                                              "final_returns": train(probe_optimizer(name, lr, grad_clip, args),
+                                                                     name).tolist()}
+            else:
+                file = os.path.join(REPOSITORY, "results", "brax", task, f"{name}@{lr:.2e}_selection.json")
+                with open(file) as f:
+                    report["references"][name] = {"source": recorded(file), "learning_rate": lr,
+                                                  "final_returns": json.load(f)["final_returns"]}
         for variant in args.variants:
-            start = time.time()
-            tx = learned_variant(variant, args, lr, ppo.grad_clip) if variant != "as_shipped" else \
-                train_lopt.load_optimizer(args.lopt_path, lr, ppo.grad_clip)
-            run = brax_run(task, tx, None, ppo.selection_seeds, f"{task} {variant}")
-            report["variants"][variant] = {"final_returns": run.final_returns.tolist(),
+            start, lr = time.time(), report["learning_rate"]
+            tx = learned_variant(variant, args, lr, grad_clip) if variant != "as_shipped" else \
+                probe_optimizer("lopt", lr, grad_clip, args)
+            returns = train(tx, variant)
+            report["variants"][variant] = {"final_returns": returns.tolist(),
                                            "settings": {"reset_every": args.reset_every,
                                                         "reference_log10_grad": args.reference_log10_grad}}
             atomic_write(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
-            print(f"[{task}] {variant} lr {lr:.2e}: final return {run.final_returns.mean():.1f} "
-                  f"({', '.join(f'{r:.0f}' for r in run.final_returns)}) vs committed lopt "
-                  f"{np.mean(report['committed_lopt']['final_returns']):.1f}, sign-SGD "
-                  f"{np.mean(report['committed_sign_sgd']['final_returns']):.1f} ({time.time() - start:.0f}s)",
+            references = ", ".join(f"{name} {np.nanmean(r['final_returns']):.2f}"
+                                   for name, r in report["references"].items())
+            print(f"[{label}] {variant} lr {lr:.2e}: final return {np.nanmean(returns):.2f} "
+                  f"({', '.join(f'{r:.2f}' for r in returns)}) vs {references} ({time.time() - start:.0f}s)",
                   flush=True)
+
+
+def grid_clip(args: Args) -> float:
+    return train_lopt.read_optimizer_checkpoint(args.lopt_path)["config"]["grad_clip"]
 
 
 def check_settings(args: Args) -> None:
     check_args(args, positive=("num_seeds", "snapshots", "reset_every"))
-    check_choices("--tasks", args.tasks, (*GRID_TASKS, *BRAX_TASKS) if args.mode == "stats" else BRAX_TASKS)
+    check_choices("--tasks", args.tasks, (*GRID_TASKS, *BRAX_TASKS))
     check_choices("--variants", args.variants, VARIANTS)
     check_choices("--grid-steps", [str(s) for s in args.grid_steps], [str(s) for s in GRID_RESULTS])
     if not os.path.exists(args.lopt_path):

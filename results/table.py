@@ -732,24 +732,31 @@ def variants_table() -> str:
     reports = load_probe("variants")
     if not reports:
         return "_(no result files yet)_"
-    lines = ["| task | lr | optimizer | final return, mean over the selection seeds | per seed |", "|---|---:|---|---:|---|"]
+    lines = ["| task | seeds | optimizer | lr | final return, mean | IQM [95% CI] | per seed |",
+             "|---|---:|---|---:|---:|---:|---|"]
     for label, report in reports.items():
-        rows = [("learned optimizer as shipped (committed run)", report["committed_lopt"]),
+        references = report["references"]
+        source = lambda name: "committed run" if references[name]["source"] != "rerun" else "rerun here"
+        rows = [(f"learned optimizer as shipped ({source('lopt')})", references["lopt"]),
                 *((VARIANT_LABELS[v], r) for v, r in report["variants"].items()),
-                ("sign-SGD, lr tuned (committed run)", report["committed_sign_sgd"])]
+                (f"sign-SGD, lr tuned ({source('sign_sgd')})", references["sign_sgd"])]
+        digits = 0 if label in BRAX_TASKS else 2
         for name, run in rows:
-            returns = run["final_returns"]
+            returns = np.asarray(run["final_returns"], float)
+            iqm, low, high = iqm_interval([returns])
             lr = run.get("learning_rate", report["learning_rate"])
-            lines.append(f"| {label} | {tl.format_lr(lr)} | {name} | {np.mean(returns):.0f} | "
-                         + ", ".join(f"{r:.0f}" for r in returns) + " |")
+            per_seed = ", ".join(f"{r:.{digits}f}" for r in returns) if len(returns) <= 8 else ""
+            lines.append(f"| {PROBE_RUNS[label]} | {len(returns)} | {name} | {tl.format_lr(lr)} | "
+                         f"{np.nanmean(returns):.{digits}f} | {iqm:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}] | "
+                         f"{per_seed} |")
     lines.append("")
-    lines.append("PPO on Brax with one change to the shipped learned optimizer at a time, at the lr the protocol "
-                 "picked for it, on the protocol's 4 selection seeds, so that each row is comparable with the "
-                 "committed runs on the same seeds (the reported seeds are not used). A diagnosis, not a selection: "
-                 "nothing is chosen by these scores. Command: "
-                 f"`{PROBE_COMMAND} --mode variants --tasks " + " ".join(reports) + "`; files: "
-                 + ", ".join(f"[results/step_probe/variants_{t}.json](results/step_probe/variants_{t}.json)"
-                             for t in reports) + ".")
+    lines.append("One change to the shipped learned optimizer at a time, at the lr the tuned protocol picked for it "
+                 "(its own lr on the grids). Brax: PPO on the protocol's 4 selection seeds, so each row compares "
+                 "with the committed runs on the same seeds (the reported seeds are not used); a diagnosis, not a "
+                 "selection: nothing is chosen by these scores. Grids: A2C on the final evaluation's 16 validation "
+                 "seeds, the shipped optimizer and tuned sign-SGD rerun beside the variants. Command: "
+                 f"`{PROBE_COMMAND} --mode variants --tasks TASK` (`--grid-steps` for the grids' lifetimes); files: "
+                 + ", ".join(f"[variants_{t}.json](results/step_probe/variants_{t}.json)" for t in reports) + ".")
     return "\n".join(lines)
 
 

@@ -143,8 +143,6 @@ def test_window_stats_on_known_steps():
 def test_bad_flags_are_one_line_errors():
     with pytest.raises(UserError, match="--tasks catch"):
         sp.check_settings(sp.Args(tasks=("catch",)))
-    with pytest.raises(UserError, match="--tasks small_dense_long"):  # the variants run on Brax only
-        sp.check_settings(sp.Args(mode="variants", tasks=("small_dense_long",)))
     with pytest.raises(UserError, match="--grid-steps 5"):
         sp.check_settings(sp.Args(grid_steps=(5,)))
     result = subprocess.run([sys.executable, "step_probe.py", "--variants", "nope"], cwd=REPO,
