@@ -665,7 +665,7 @@ PROBE_RUNS = {"small_dense_long_1e5": "small_dense_long, 1e5 (meta-trained here)
               "small_dense_short_1e5": "small_dense_short, 1e5 (meta-trained here)",
               "small_dense_long_1e6": "small_dense_long, 1e6", "small_dense_short_1e6": "small_dense_short, 1e6",
               **{task: task for task in BRAX_TASKS}}
-VARIANT_LABELS = {"as_shipped": "as shipped (rerun)", "reset": "recurrent state reset every 256 updates",
+VARIANT_LABELS = {"as_shipped": "as shipped, rerun by the variants' code (reproduces the row above?)", "reset": "recurrent state reset every 256 updates",
                   "tensor_mean": "each tensor's step at its mean size (shape within tensors removed)",
                   "tensor_norm": "each tensor's step at sign-SGD's size (shape between tensors removed)",
                   "rescaled": "each tensor's gradient rescaled to mean log10|g| -1.3"}
