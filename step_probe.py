@@ -59,6 +59,9 @@ class Args:
     """stats: updates kept in each window (the first and last WINDOW of training), evenly spaced"""
     variants: tuple[str, ...] = VARIANTS[1:]
     """variants mode: which to run (as_shipped is the committed selection run, rerun only if named)"""
+    brax_seeds: Literal["selection", "reported"] = "selection"
+    """variants on Brax: the protocol's selection seeds (4) or its reported seeds (8); each is compared with the
+    committed runs on the same seeds"""
     reset_every: int = 256
     reference_log10_grad: float = -1.3
     """rescaled: the mean log10|g| each tensor is scaled to (the stats mode measures -1.3 on small_dense_long at
@@ -208,19 +211,20 @@ def brax_updates(args: eval_brax.Args) -> int:
     return int(eval_brax.eval_schedule(args)[0].sum()) * args.num_updates_per_batch * args.num_minibatches
 
 
-def brax_keys(args: eval_brax.Args, num_seeds: int) -> jax.Array:
-    return eval_brax.protocol_keys(args)["selection"][:num_seeds]
+def brax_keys(args: eval_brax.Args, num_seeds: int, seeds: str = "selection") -> jax.Array:
+    return eval_brax.protocol_keys(args)[seeds][:num_seeds]
 
 
-def brax_run(task: str, tx: optax.GradientTransformation, snapshots_at, num_seeds: int, label: str) -> Run:
-    """PPO as eval_brax's protocol trains it, on the first num_seeds of its selection seeds."""
+def brax_run(task: str, tx: optax.GradientTransformation, snapshots_at, num_seeds: int, label: str,
+             seeds: str = "selection") -> Run:
+    """PPO as eval_brax's protocol trains it, on the first num_seeds of its selection (or reported) seeds."""
     args = brax_args(task)
     num_updates = brax_updates(args)
     tx = snapshotting(tx, snapshots_at(num_updates)) if snapshots_at else tx
     env = eval_brax.envs.get_environment(task, backend=args.backend)
     progress = eval_brax.ProgressPrinter(label, eval_brax.eval_schedule(args)[1], num_seeds)
     train = eval_brax.make_train(args, env, tx, on_eval=progress, on_trained=progress.trained)
-    runners, returns = jax.jit(train)(brax_keys(args, num_seeds))
+    runners, returns = jax.jit(train)(brax_keys(args, num_seeds, seeds))
     params = jax.tree.map(lambda x: x[0], runners.params)
     names, sizes = tensor_layout({"policy": params.policy, "value": params.value})
     state = runners.opt_state
@@ -366,12 +370,14 @@ def variants_mode(args: Args) -> None:
     runs = [(task, steps) for task in args.tasks if task in GRID_TASKS for steps in args.grid_steps]
     runs += [(task, None) for task in args.tasks if task in BRAX_TASKS]
     for task, steps in runs:
-        label = run_label(task, steps)
+        label = run_label(task, steps) + ("_reported" if not steps and args.brax_seeds == "reported" else "")
         path = os.path.join(args.results_dir, f"variants_{label}.json")
         grad_clip = grid_clip(args) if steps else brax_args(task).grad_clip
-        num_seeds = train_lopt.Args().val_seeds if steps else brax_args(task).selection_seeds
+        brax = brax_args(task)
+        num_seeds = train_lopt.Args().val_seeds if steps else \
+            brax.selection_seeds if args.brax_seeds == "selection" else brax.num_seeds
         report = {"task": task, "env_steps": steps, "learning_rate": picked_lr(task, "lopt", steps),
-                  "seeds": "the final evaluation's validation seeds" if steps else "the protocol's selection seeds",
+                  "seeds": "the final evaluation's validation seeds" if steps else f"the protocol's {args.brax_seeds} seeds",
                   "num_seeds": num_seeds, "references": {}, "variants": {}}
         if os.path.exists(path):  # a rerun adds to (or replaces) the variants already there
             with open(path) as f:
@@ -380,7 +386,7 @@ def variants_mode(args: Args) -> None:
         def train(tx, name):
             if steps:
                 return grid_run(task, steps, tx, None, num_seeds).final_returns
-            return brax_run(task, tx, None, num_seeds, f"{label} {name}").final_returns
+            return brax_run(task, tx, None, num_seeds, f"{label} {name}", args.brax_seeds).final_returns
 
         for name in ("lopt", "sign_sgd"):
             lr = picked_lr(task, name, steps)
@@ -389,7 +395,7 @@ def variants_mode(args: Args) -> None:
                                               "final_returns": train(probe_optimizer(name, lr, grad_clip, args),
                                                                      name).tolist()}
             else:
-                file = os.path.join(REPOSITORY, "results", "brax", task, f"{name}@{lr:.2e}_selection.json")
+                file = os.path.join(REPOSITORY, "results", "brax", task, f"{name}@{lr:.2e}_{args.brax_seeds}.json")
                 with open(file) as f:
                     report["references"][name] = {"source": recorded(file), "learning_rate": lr,
                                                   "final_returns": json.load(f)["final_returns"]}

@@ -664,7 +664,8 @@ PROBE_COMMAND = "python step_probe.py"
 PROBE_RUNS = {"small_dense_long_1e5": "small_dense_long, 1e5 (meta-trained here)",
               "small_dense_short_1e5": "small_dense_short, 1e5 (meta-trained here)",
               "small_dense_long_1e6": "small_dense_long, 1e6", "small_dense_short_1e6": "small_dense_short, 1e6",
-              **{task: task for task in BRAX_TASKS}}
+              **{task: task for task in BRAX_TASKS},
+              **{f"{task}_reported": f"{task} (reported seeds)" for task in BRAX_TASKS}}
 VARIANT_LABELS = {"as_shipped": "as shipped, rerun by the variants' code (reproduces the row above?)", "reset": "recurrent state reset every 256 updates",
                   "tensor_mean": "each tensor's step at its mean size (shape within tensors removed)",
                   "tensor_norm": "each tensor's step at sign-SGD's size (shape between tensors removed)",
@@ -751,8 +752,8 @@ def variants_table() -> str:
                          f"{per_seed} |")
     lines.append("")
     lines.append("One change to the shipped learned optimizer at a time, at the lr the tuned protocol picked for it "
-                 "(its own lr on the grids). Brax: PPO on the protocol's 4 selection seeds, so each row compares "
-                 "with the committed runs on the same seeds (the reported seeds are not used); a diagnosis, not a "
+                 "(its own lr on the grids). Brax: PPO on the protocol's 4 selection seeds, or its 8 reported seeds where "
+                 "the task says so, each row beside the committed runs on the same seeds; a diagnosis, not a "
                  "selection: nothing is chosen by these scores. Grids: A2C on the final evaluation's 16 validation "
                  "seeds, the shipped optimizer and tuned sign-SGD rerun beside the variants. Command: "
                  f"`{PROBE_COMMAND} --mode variants --tasks TASK` (`--grid-steps` for the grids' lifetimes); files: "
