@@ -741,7 +741,7 @@ def variants_table() -> str:
         rows = [(f"learned optimizer as shipped ({source('lopt')})", references["lopt"]),
                 *((VARIANT_LABELS[v], r) for v, r in report["variants"].items()),
                 (f"sign-SGD, lr tuned ({source('sign_sgd')})", references["sign_sgd"])]
-        digits = 0 if label in BRAX_TASKS else 2
+        digits = 2 if report.get("env_steps") else 0  # grid returns are a few units; Brax's are hundreds
         for name, run in rows:
             returns = np.asarray(run["final_returns"], float)
             iqm, low, high = iqm_interval([returns])
