@@ -324,7 +324,7 @@ def run_stats(run: Run, lr: float, grad_clip: float, early: np.ndarray) -> dict:
 def probe_optimizer(name: str, lr: float, grad_clip: float, args: Args) -> optax.GradientTransformation:
     if name == "lopt":
         return train_lopt.load_optimizer(args.lopt_path, lr, grad_clip)
-    return optax.chain(optax.clip(grad_clip), optax.sign_sgd(lr))
+    return train_lopt.with_grad_clip(optax.sign_sgd(lr), grad_clip)
 
 
 def stats_mode(args: Args) -> None:
