@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import gymnax
 import tyro
 from brax import envs
 from brax.training.acme import running_statistics, specs
@@ -117,7 +118,8 @@ class Args:
     at the paper's 3e-4 on --num-seeds (default 8 here) other seeds; every run is saved under --results-dir, where
     a rerun finds it"""
     protocol_tasks: tuple[str, ...] = ("inverted_double_pendulum", "hopper", "reacher", "ant")
-    """--protocol only: the tasks, run in this order (ant on the spring backend, the others positional)"""
+    """--protocol only: the tasks, run in this order (ant on the spring backend, the others positional); the
+    validation family, gymnax's pendulum and mountain_car, is run the same way (its runs under results/validation/)"""
     selection_seeds: int = 4
     """--protocol only: seeds that pick each optimizer's lr, apart from the --num-seeds seeds reported"""
     results_dir: str = os.path.join(REPOSITORY, "results", "brax")
@@ -163,6 +165,54 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                         total_timesteps=50_000_000, num_evals=20),
     },
 }
+
+
+# ================================================================================================
+# The validation family: gymnax's continuous classic-control tasks behind Brax's Env interface
+# ================================================================================================
+# Neither in meta-training (the grids) nor in the test (Brax), these tasks pick recipes, checkpoints and lrs
+# (issue 42's "selection without the test"), trained by the same PPO as the Brax tasks.
+GYMNAX_TASKS = {"pendulum": "Pendulum-v1", "mountain_car": "MountainCarContinuous-v0"}
+
+
+class GymnaxTask(envs.Env):
+    """A gymnax environment with deterministic dynamics as a Brax Env: pipeline_state is gymnax's state, actions in
+    [-1, 1] (the tanh policy's range) are scaled to the task's bounds, and done is termination only (Brax's
+    EpisodeWrapper ends episodes at --episode-length, as for every Brax task)."""
+
+    def __init__(self, name: str, backend: str | None = None):  # backend: Brax's get_environment passes one
+        del backend
+        self._env, self._params = gymnax.make(GYMNAX_TASKS[name])
+        space = self._env.action_space(self._params)
+        self._low, self._high = jnp.asarray(space.low, jnp.float32), jnp.asarray(space.high, jnp.float32)
+        self._key = jax.random.PRNGKey(0)  # unused by deterministic dynamics; step_env's signature takes one
+
+    def reset(self, rng: jax.Array) -> envs.State:
+        obs, state = self._env.reset_env(rng, self._params)
+        zero = jnp.zeros(())
+        return envs.State(pipeline_state=state, obs=obs, reward=zero, done=zero, metrics={}, info={})
+
+    def step(self, state: envs.State, action: jax.Array) -> envs.State:
+        scaled = self._low + (action + 1.0) * 0.5 * (self._high - self._low)
+        obs, inner, reward, done, _ = self._env.step_env(self._key, state.pipeline_state, scaled, self._params)
+        return state.replace(pipeline_state=inner, obs=obs, reward=jnp.asarray(reward, jnp.float32).reshape(()),
+                             done=jnp.asarray(done, jnp.float32).reshape(()))
+
+    @property
+    def observation_size(self) -> int:
+        return int(np.prod(self._env.observation_space(self._params).shape))
+
+    @property
+    def action_size(self) -> int:
+        return int(np.prod(self._env.action_space(self._params).shape))
+
+    @property
+    def backend(self) -> str:
+        return "gymnax"
+
+
+for _name in GYMNAX_TASKS:
+    envs.register_environment(_name, lambda backend=None, _name=_name, **_: GymnaxTask(_name, backend))
 
 
 # ================================================================================================
@@ -490,7 +540,9 @@ def format_summary_table(summary: dict) -> str:
 # ================================================================================================
 
 PROTOCOL_BACKENDS = {"inverted_double_pendulum": "positional", "hopper": "positional", "reacher": "positional",
-                     "ant": "spring"}  # the CPU-practical tasks (docs/reference_figures.md)
+                     "ant": "spring"}  # the test family: the CPU-practical Brax tasks (docs/reference_figures.md)
+# --protocol-tasks also takes the validation family (GYMNAX_TASKS); its runs go to results/validation/ by default.
+VALIDATION_RESULTS = os.path.join(REPOSITORY, "results", "validation")
 PROTOCOL_TUNED = ("adam", "sign_sgd", "lopt", "open")  # each at its best lr on the selection seeds
 PROTOCOL_LR_GRID = (1e-4, 3e-4, 1e-3)  # around the paper's 3e-4; extended where the best is at an edge
 PAPER_LR = 3e-4  # the learned optimizer's lr in the paper, and Brax's Adam lr
@@ -531,10 +583,18 @@ def same_fingerprint(saved: dict, current: dict) -> bool:
     return {**saved, "settings": {**defaults, **saved.get("settings", {})}} == current
 
 
+def run_label(args: Args, name: str) -> str:
+    """A run's file-name prefix: the optimizer's name; a learned optimizer other than the shipped one adds its
+    checkpoint's hash (lopt-<sha256[:8]>), so several checkpoints share one folder and the baselines' runs."""
+    if name != "lopt" or file_sha256(args.lopt_path) == file_sha256(PRETRAINED_OPTIMIZER):
+        return name
+    return f"lopt-{file_sha256(args.lopt_path)[:8]}"
+
+
 def protocol_run(args: Args, env: envs.Env, keys: dict, name: str, lr: float, seeds: str) -> dict:
     """One optimizer at one lr on the selection or reported seeds: loaded from --results-dir/<task>/ if a run with
     the same fingerprint is there, else trained and saved (atomically, so a killed protocol resumes from it)."""
-    path = os.path.join(args.results_dir, args.env, f"{name}@{lr:.2e}_{seeds}.json")
+    path = os.path.join(args.results_dir, args.env, f"{run_label(args, name)}@{lr:.2e}_{seeds}.json")
     fingerprint = run_fingerprint(args, name, lr, seeds, len(keys[seeds]))
     if os.path.exists(path):
         with open(path) as f:
@@ -554,7 +614,8 @@ def protocol_run(args: Args, env: envs.Env, keys: dict, name: str, lr: float, se
 
 
 def run_protocol_task(args: Args, command: str) -> dict:
-    """The tuned protocol on one task; writes --results-dir/<task>/protocol.json (the picks and the reported runs)
+    """The tuned protocol on one task; writes --results-dir/<task>/protocol.json (protocol-<sha256[:8]>.json for a
+    checkpoint other than the shipped one: the picks and the reported runs)
     once every run it names is saved."""
     os.makedirs(os.path.join(args.results_dir, args.env), exist_ok=True)
     env = envs.get_environment(args.env, backend=args.backend)
@@ -574,10 +635,12 @@ def run_protocol_task(args: Args, command: str) -> dict:
     protocol = {"task": args.env, "backend": args.backend, "env_steps_per_seed": int(eval_schedule(args)[1][-1]),
                 "selection_seeds": args.selection_seeds, "num_seeds": args.num_seeds, "picked_lr": picked,
                 "selection_mean_final_return": selection,
-                "reported": {label: f"{name}@{lr:.2e}_reported.json" for label, (name, lr) in runs.items()},
+                "reported": {label: f"{run_label(args, name)}@{lr:.2e}_reported.json"
+                             for label, (name, lr) in runs.items()},
                 "lopt_path": recorded(args.lopt_path), "lopt_sha256": file_sha256(args.lopt_path),
                 "command": recorded(command)}
-    atomic_write(os.path.join(args.results_dir, args.env, "protocol.json"),
+    tag = run_label(args, "lopt")[len("lopt"):]  # another checkpoint's protocol: protocol-<sha256[:8]>.json
+    atomic_write(os.path.join(args.results_dir, args.env, f"protocol{tag}.json"),
                  lambda f: f.write(json.dumps(protocol, indent=1).encode()))
     print(f"{args.env}: final return, IQM [95% CI] over {args.num_seeds} seeds (lr picked on the selection seeds)")
     for label, run in reported.items():
@@ -674,7 +737,10 @@ def parse_args(argv: list[str] | None = None, env: str | None = None) -> Args:
                 chosen[flag] = argv[i + 1]
             elif a.startswith(flag + "="):
                 chosen[flag] = a.split("=", 1)[1]
-    task = {} if env is None else dict(env=env, backend=PROTOCOL_BACKENDS[env], num_seeds=PROTOCOL_SEEDS)
+    task = {} if env is None else dict(env=env, backend=PROTOCOL_BACKENDS.get(env, "positional"),
+                                       num_seeds=PROTOCOL_SEEDS)
+    if env in GYMNAX_TASKS:
+        task["results_dir"] = VALIDATION_RESULTS
     chosen["--env"] = env or chosen["--env"]
     defaults = Args(**PRESETS.get(chosen["--preset"], {}).get(chosen["--env"], {}), **task)  # bad names: later
     return tyro.cli(Args, args=argv, default=defaults, description=__doc__.split("\n")[0])
@@ -688,9 +754,10 @@ def cli(argv: list[str] | None = None) -> None:
         return main(args)
     if any(a == "--env" or a.startswith("--env=") for a in argv):
         raise UserError("--env: not with --protocol; choose tasks with --protocol-tasks")
-    check_choices("--protocol-tasks", args.protocol_tasks, PROTOCOL_BACKENDS)
+    tasks = (*PROTOCOL_BACKENDS, *GYMNAX_TASKS)
+    check_choices("--protocol-tasks", args.protocol_tasks, tasks)
     if not args.protocol_tasks or len(set(args.protocol_tasks)) != len(args.protocol_tasks):
-        raise UserError(f"--protocol-tasks: give each of {', '.join(PROTOCOL_BACKENDS)} at most once")
+        raise UserError(f"--protocol-tasks: give each of {', '.join(tasks)} at most once")
     check_args(args, positive=("selection_seeds",))
     check_writable_dir(args.results_dir, "--results-dir")
     run_protocol([parse_args(argv, env=task) for task in args.protocol_tasks],

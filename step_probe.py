@@ -13,6 +13,7 @@ squared step, the share carried by the top 1% of coordinates).
 lr the protocol picked for it, so each variant is compared with the committed runs on the same seeds:
   reset        its recurrent state zeroed every --reset-every updates (meta-training's lifetimes are 156-256)
   tensor_mean  each tensor's step replaced by sign(step) x its mean |step| (the shape removed, the size kept)
+  spread       each |step| bounded to [1/s, s] times its tensor's mean, s = --step-spread (tensor_mean is s = 1)
   tensor_norm  each tensor's step divided by its RMS (the shape kept, every tensor the size of sign-SGD's step)
   rescaled     each tensor's gradient scaled so its mean log10|g| is --reference-log10-grad, then clipped
 Brax stays a test family: these runs diagnose; no recipe, lr or checkpoint is chosen by them.
@@ -42,7 +43,7 @@ from common import (PRETRAINED_OPTIMIZER, REPOSITORY, UserError, atomic_write, c
 
 GRID_TASKS = ("small_dense_long", "small_dense_short")  # what the shipped optimizer was meta-trained on
 BRAX_TASKS = tuple(eval_brax.PROTOCOL_BACKENDS)
-VARIANTS = ("as_shipped", "reset", "tensor_mean", "tensor_norm", "rescaled")
+VARIANTS = ("as_shipped", "reset", "tensor_mean", "spread", "tensor_norm", "rescaled")
 GRID_RESULTS = {100_000: "results/gridworld_shipped_1e5.json", 1_000_000: "results/gridworld_shipped_1e6.json"}
 
 
@@ -63,6 +64,8 @@ class Args:
     """variants on Brax: the protocol's selection seeds (4) or its reported seeds (8); each is compared with the
     committed runs on the same seeds"""
     reset_every: int = 256
+    step_spread: float = 2.0
+    """spread: the bound on each |step| relative to its tensor's mean |step|"""
     reference_log10_grad: float = -1.3
     """rescaled: the mean log10|g| each tensor is scaled to (the stats mode measures -1.3 on small_dense_long at
     1e5, early and late: results/step_probe/)"""
@@ -132,8 +135,9 @@ def learned_variant(variant: str, args: Args, learning_rate: float, grad_clip: f
     """The shipped learned optimizer, element-wise clip included, with one change (see the module docstring)."""
     ckpt = train_lopt.read_optimizer_checkpoint(args.lopt_path)
     net = train_lopt.make_lopt_net(ckpt["config"])
-    base = train_lopt.learned_optimizer(net, ckpt["params"], 1.0,  # unit lr: its update is -direction
-                                        normalize_step=ckpt["config"].get("normalize_step", False))
+    options = train_lopt.step_options(ckpt["config"])
+    options["step_spread"] = {"tensor_mean": 1.0, "spread": args.step_spread}.get(variant, options["step_spread"])
+    base = train_lopt.learned_optimizer(net, ckpt["params"], 1.0, **options)  # unit lr: its update is -direction
     clip = optax.clip(grad_clip)
 
     def init(params):
@@ -152,11 +156,9 @@ def learned_variant(variant: str, args: Args, learning_rate: float, grad_clip: f
         if variant == "reset":
             inner = jax.tree.map(lambda c: jnp.where(count % args.reset_every == 0, jnp.zeros_like(c), c), inner)
         steps, inner = base.update(grads, inner)
-        if variant in ("tensor_mean", "tensor_norm"):
-            moments = tensor_moments(steps, moving)
-            steps = jax.tree.map(
-                lambda s, mo: jnp.sign(s) * mo[0] if variant == "tensor_mean" else s / (mo[1] + 1e-12),
-                steps, moments, is_leaf=lambda x: isinstance(x, tuple))
+        if variant == "tensor_norm":
+            steps = jax.tree.map(lambda s, mo: s / (mo[1] + 1e-12), steps, tensor_moments(steps, moving),
+                                 is_leaf=lambda x: isinstance(x, tuple))
         return jax.tree.map(lambda s: learning_rate * s, steps), (inner, count + 1)
 
     return optax.GradientTransformation(init, update)
@@ -373,9 +375,8 @@ def variants_mode(args: Args) -> None:
         label = run_label(task, steps) + ("_reported" if not steps and args.brax_seeds == "reported" else "")
         path = os.path.join(args.results_dir, f"variants_{label}.json")
         grad_clip = grid_clip(args) if steps else brax_args(task).grad_clip
-        brax = brax_args(task)
         num_seeds = train_lopt.Args().val_seeds if steps else \
-            brax.selection_seeds if args.brax_seeds == "selection" else brax.num_seeds
+            brax_args(task).selection_seeds if args.brax_seeds == "selection" else brax_args(task).num_seeds
         report = {"task": task, "env_steps": steps, "learning_rate": picked_lr(task, "lopt", steps),
                   "seeds": "the final evaluation's validation seeds" if steps else f"the protocol's {args.brax_seeds} seeds",
                   "num_seeds": num_seeds, "references": {}, "variants": {}}
@@ -391,9 +392,10 @@ def variants_mode(args: Args) -> None:
         for name in ("lopt", "sign_sgd"):
             lr = picked_lr(task, name, steps)
             if steps:
-                report["references"][name] = {"source": "rerun", "learning_rate": lr,
-                                              "final_returns": train(probe_optimizer(name, lr, grad_clip, args),
-                                                                     name).tolist()}
+                if report["references"].get(name, {}).get("learning_rate") != lr:  # rerun once per file
+                    report["references"][name] = {"source": "rerun", "learning_rate": lr,
+                                                  "final_returns": train(probe_optimizer(name, lr, grad_clip, args),
+                                                                         name).tolist()}
             else:
                 file = os.path.join(REPOSITORY, "results", "brax", task, f"{name}@{lr:.2e}_{args.brax_seeds}.json")
                 with open(file) as f:
@@ -404,8 +406,9 @@ def variants_mode(args: Args) -> None:
             tx = learned_variant(variant, args, lr, grad_clip) if variant != "as_shipped" else \
                 probe_optimizer("lopt", lr, grad_clip, args)
             returns = train(tx, variant)
+            variant = f"spread_{args.step_spread:g}" if variant == "spread" else variant
             report["variants"][variant] = {"final_returns": returns.tolist(),
-                                           "settings": {"reset_every": args.reset_every,
+                                           "settings": {"reset_every": args.reset_every, "step_spread": args.step_spread,
                                                         "reference_log10_grad": args.reference_log10_grad}}
             atomic_write(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
             references = ", ".join(f"{name} {np.nanmean(r['final_returns']):.2f}"
@@ -421,6 +424,8 @@ def grid_clip(args: Args) -> float:
 
 def check_settings(args: Args) -> None:
     check_args(args, positive=("num_seeds", "snapshots", "reset_every"))
+    if not args.step_spread >= 1:
+        raise UserError(f"--step-spread {args.step_spread}: must be >= 1 (1: one step size per tensor)")
     check_choices("--tasks", args.tasks, (*GRID_TASKS, *BRAX_TASKS))
     check_choices("--variants", args.variants, VARIANTS)
     check_choices("--grid-steps", [str(s) for s in args.grid_steps], [str(s) for s in GRID_RESULTS])

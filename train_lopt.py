@@ -133,6 +133,11 @@ class Args:
     """divide the optimizer's step by its root mean square over the coordinates with a non-zero gradient, so the
     learning rate alone sets the step's size and meta-training learns only how it is shared among coordinates
     (sign-SGD's step is already normalised: meta-step 0 is unchanged)"""
+    step_spread: float = math.inf
+    """bound on each coordinate's step relative to its tensor's mean |step| (applied after --normalize-step): within
+    [1/spread, spread] times it; 1: every coordinate of a tensor moves by the same amount, so the network sets only
+    each tensor's step size over the lifetime; inf: unbounded (docs/mechanism.md: the unbounded shape is what fails
+    on long lifetimes and on Brax)"""
     lopt_lr: float = 1e-2
     """learning rate multiplying the learned optimizer's output (at meta-step 0 the optimizer is sign-SGD at this
     lr; 1e-2 is sign-SGD's tuned lr on both small grids at 1e5 env steps)"""
@@ -317,6 +322,7 @@ def lopt_config(args: Args) -> dict:
         hidden_size=args.hidden_size,
         grad_processing=args.grad_processing,
         normalize_step=args.normalize_step,
+        step_spread=args.step_spread,
         lopt_lr=args.lopt_lr,
         grad_clip=args.grad_clip,
     )
@@ -337,12 +343,14 @@ class LearnedOptState(NamedTuple):
 
 
 def learned_optimizer(
-    net: nn.Module, lopt_params, learning_rate: float, rematerialize: bool = False, normalize_step: bool = False
+    net: nn.Module, lopt_params, learning_rate: float, rematerialize: bool = False, normalize_step: bool = False,
+    step_spread: float = math.inf,
 ) -> optax.GradientTransformation:
     """A learned optimizer as an optax transformation; all parameter leaves are one flat coordinate batch.
 
     normalize_step divides the network's step by its RMS over the coordinates with a non-zero gradient (the others
-    do not move under Optim4RL), so the step's size is the learning rate's alone.
+    do not move under Optim4RL), so the step's size is the learning rate's alone. step_spread then bounds each
+    coordinate's |step| to [1/step_spread, step_spread] times its tensor's mean |step| (over the same coordinates).
 
     rematerialize (meta-training, which differentiates through the updates) puts each update under
     jax.checkpoint: the backward pass keeps only the update's inputs and recomputes the GRU gate activations
@@ -357,12 +365,35 @@ def learned_optimizer(
         del params
         flat, unravel = ravel_pytree(grads)
         carry, direction = apply(lopt_params, state.carry, flat)
+        moving = flat != 0
         if normalize_step:
-            moving = jnp.maximum(jnp.sum(flat != 0), 1)
-            direction = direction / (jnp.sqrt(jnp.sum(jnp.square(direction)) / moving) + 1e-12)
+            direction = direction / (jnp.sqrt(jnp.sum(jnp.square(direction)) / jnp.maximum(jnp.sum(moving), 1))
+                                     + 1e-12)
+        if step_spread < math.inf:
+            direction = bound_spread(direction, moving, tensor_ids(grads), step_spread)
         return unravel(-learning_rate * direction), LearnedOptState(carry)
 
     return optax.GradientTransformation(init, update)
+
+
+def tensor_ids(tree) -> np.ndarray:
+    """For each coordinate of ravel_pytree(tree), the index of its leaf (static: shapes only)."""
+    leaves = jax.tree.leaves(tree)
+    return np.repeat(np.arange(len(leaves)), [int(np.prod(leaf.shape)) for leaf in leaves])
+
+
+def bound_spread(direction: jax.Array, moving: jax.Array, ids: np.ndarray, spread: float) -> jax.Array:
+    """Each coordinate's |direction| clipped to [1/spread, spread] times its tensor's mean over the moving ones."""
+    num_tensors = int(ids.max()) + 1 if ids.size else 0
+    magnitude = jnp.abs(direction) * moving
+    count = jax.ops.segment_sum(moving.astype(direction.dtype), ids, num_tensors)
+    mean = (jax.ops.segment_sum(magnitude, ids, num_tensors) / jnp.maximum(count, 1))[ids]
+    return jnp.sign(direction) * jnp.clip(magnitude, mean / spread, mean * spread)
+
+
+def step_options(config: dict) -> dict:
+    """The step's post-processing a checkpoint was meta-trained with (older checkpoints predate step_spread)."""
+    return dict(normalize_step=config.get("normalize_step", False), step_spread=config.get("step_spread", math.inf))
 
 
 def with_grad_clip(tx: optax.GradientTransformation, grad_clip: float | None) -> optax.GradientTransformation:
@@ -372,9 +403,11 @@ def with_grad_clip(tx: optax.GradientTransformation, grad_clip: float | None) ->
 
 def clipped_learned_optimizer(net: nn.Module, lopt_params, learning_rate, grad_clip: float | None,
                               rematerialize: bool = False,
-                              normalize_step: bool = False) -> optax.GradientTransformation:
+                              normalize_step: bool = False,
+                              step_spread: float = math.inf) -> optax.GradientTransformation:
     """The learned optimizer as agents use it everywhere: element-wise clip, then the network's step."""
-    return with_grad_clip(learned_optimizer(net, lopt_params, learning_rate, rematerialize, normalize_step), grad_clip)
+    return with_grad_clip(learned_optimizer(net, lopt_params, learning_rate, rematerialize, normalize_step,
+                                            step_spread), grad_clip)
 
 
 def load_optimizer(path: str, learning_rate: float | None = None, grad_clip: float | None = -1.0):
@@ -388,8 +421,7 @@ def load_optimizer(path: str, learning_rate: float | None = None, grad_clip: flo
     config = ckpt["config"]
     lr = config["lopt_lr"] if learning_rate is None else learning_rate
     clip = config["grad_clip"] if grad_clip == -1.0 else grad_clip
-    return clipped_learned_optimizer(make_lopt_net(config), ckpt["params"], lr, clip,
-                                     normalize_step=config.get("normalize_step", False))
+    return clipped_learned_optimizer(make_lopt_net(config), ckpt["params"], lr, clip, **step_options(config))
 
 
 # ================================================================================================
@@ -736,7 +768,7 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
 
     def inner_tx(lopt_params):
         return clipped_learned_optimizer(net, lopt_params, args.lopt_lr, args.grad_clip, rematerialize=True,
-                                         normalize_step=args.normalize_step)
+                                         **step_options(lopt_config(args)))
 
     def init(key) -> MetaState:
         key_lopt, key_pop, key = jax.random.split(key, 3)  # key_lopt: see initial_lopt_params
@@ -982,8 +1014,7 @@ class TaskEvaluator:
             def make_tx(tx_params):
                 lr, lopt_params, baseline = tx_params
                 if trainer == "lopt":
-                    return clipped_learned_optimizer(self.net, lopt_params, lr, clip,
-                                                     normalize_step=self.config.get("normalize_step", False))
+                    return clipped_learned_optimizer(self.net, lopt_params, lr, clip, **step_options(self.config))
                 if trainer == "random":  # its agents never update: any optimizer only sets up their state
                     return with_grad_clip(baseline_optimizer("adam", lr), clip)
                 if trainer == "open":  # behind its own clip (global norm 0.5), as it was meta-trained
@@ -1905,6 +1936,8 @@ def check_settings(args: Args) -> None:
                                "eval_steps", "eval_envs", "max_bad_steps", "pes_sigma"),
                non_negative=("grad_clip", "entropy_coef", "val_every"),
                unit_interval=("gamma", "gae_lambda"))
+    if not args.step_spread >= 1:  # also rejects nan
+        raise UserError(f"--step-spread {args.step_spread}: must be >= 1 (1: one step size per tensor; inf: unbounded)")
     agents_per_chunk(args)
     for prefix in ("eval", "val"):
         steps, envs = getattr(args, f"{prefix}_steps"), args.eval_envs

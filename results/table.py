@@ -672,6 +672,13 @@ VARIANT_LABELS = {"as_shipped": "as shipped, rerun by the variants' code (reprod
                   "rescaled": "each tensor's gradient rescaled to mean log10|g| -1.3"}
 
 
+def variant_label(variant: str) -> str:
+    if variant.startswith("spread_"):  # spread_<s>: each |step| within [1/s, s] times its tensor's mean
+        s = variant.split("_", 1)[1]
+        return f"each |step| within [1/{s}, {s}] times its tensor's mean (the shape bounded)"
+    return VARIANT_LABELS[variant]
+
+
 def load_probe(kind: str) -> dict[str, dict]:
     found = {}
     for label in PROBE_RUNS:
@@ -739,7 +746,7 @@ def variants_table() -> str:
         references = report["references"]
         source = lambda name: "committed run" if references[name]["source"] != "rerun" else "rerun here"
         rows = [(f"learned optimizer as shipped ({source('lopt')})", references["lopt"]),
-                *((VARIANT_LABELS[v], r) for v, r in report["variants"].items()),
+                *((variant_label(v), r) for v, r in report["variants"].items()),
                 (f"sign-SGD, lr tuned ({source('sign_sgd')})", references["sign_sgd"])]
         digits = 2 if report.get("env_steps") else 0  # grid returns are a few units; Brax's are hundreds
         for name, run in rows:

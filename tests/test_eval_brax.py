@@ -356,12 +356,20 @@ def test_protocol_resumes_from_its_saved_runs(tmp_path, monkeypatch, fast_task):
     save_msgpack(str(other), checkpoint)
     eb.cli(protocol_argv(tmp_path, "--lopt-path", str(other)))
     assert {name.split()[1].split("@")[0] for name, _ in calls[21:]} == {"lopt"} and len(calls) == 21 + 4
+    # ... into files of its own (lopt-<sha256[:8]>@...), beside the baselines' runs it shares: nothing is overwritten
+    tag = eb.file_sha256(str(other))[:8]
+    assert (tmp_path / "fast" / "protocol.json").read_text() == first
+    other_protocol = json.loads((tmp_path / "fast" / f"protocol-{tag}.json").read_text())
+    assert other_protocol["reported"]["lopt"].startswith(f"lopt-{tag}@")
+    assert other_protocol["reported"]["adam"] == json.loads(first)["reported"]["adam"]
+    assert len(list((tmp_path / "fast").glob(f"lopt-{tag}@*.json"))) == 4
 
 
 # Bad --protocol input, each rejected before any run (in-process: the one-line CLI form is tested above)
 PROTOCOL_ERRORS = {
     "unknown task": (["--protocol-tasks", "hopper", "pong"], "--protocol-tasks pong: unknown; choose from "
-                                                             "inverted_double_pendulum, hopper, reacher, ant"),
+                                                             "inverted_double_pendulum, hopper, reacher, ant, "
+                                                             "pendulum, mountain_car"),
     "--env": (["--env", "hopper"], "--env: not with --protocol; choose tasks with --protocol-tasks"),
     "no update": (["--protocol-tasks", "reacher", "--total-timesteps", "100"], "--total-timesteps 100: must be at least"),
     "no selection seed": (["--selection-seeds", "0"], "--selection-seeds 0: must be"),
@@ -378,3 +386,34 @@ def test_protocol_bad_input_names_the_problem_and_writes_nothing(case, tmp_path)
         eb.cli(argv)
     assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
     assert not (tmp_path / "results").exists() or not os.listdir(tmp_path / "results")
+
+
+@pytest.mark.parametrize("task", list(eb.GYMNAX_TASKS))
+def test_gymnax_task_steps_as_gymnax_does_and_brax_wrappers_end_its_episodes(task):
+    """The validation family's adapter: one step is gymnax's step_env with the tanh policy's [-1, 1] mapped onto the
+    task's action bounds; Brax's training wrappers end each episode at --episode-length and reset it."""
+    import gymnax
+    import jax
+    from brax import envs
+
+    env = envs.get_environment(task, backend="positional")
+    inner, params = gymnax.make(eb.GYMNAX_TASKS[task])
+    state = env.reset(jax.random.PRNGKey(1))
+    obs, expected_state = inner.reset_env(jax.random.PRNGKey(1), params)
+    np.testing.assert_allclose(state.obs, obs)
+    high = inner.action_space(params).high
+    for action in (-1.0, 0.5):
+        stepped = env.step(state, jnp.full((env.action_size,), action))
+        obs, _, reward, done, _ = inner.step_env(jax.random.PRNGKey(0), expected_state,
+                                                 jnp.full((env.action_size,), action * high), params)
+        np.testing.assert_allclose(stepped.obs, obs, rtol=1e-6)
+        np.testing.assert_allclose(stepped.reward, reward, rtol=1e-6)
+        assert stepped.done == done
+    wrapped = envs.training.wrap(env, episode_length=3, action_repeat=1)
+    state = wrapped.reset(jax.random.split(jax.random.PRNGKey(0), 2))
+    first_obs = state.obs
+    step = jax.jit(wrapped.step)
+    for t in range(3):
+        state = step(state, jnp.zeros((2, env.action_size)))
+        assert np.all(np.asarray(state.done) == (t == 2)) and np.all(np.asarray(state.info["truncation"]) == (t == 2))
+    np.testing.assert_allclose(state.obs, first_obs)  # auto-reset to the episode's first state

@@ -322,6 +322,57 @@ def test_normalized_step_is_sign_sgd_at_init_and_has_rms_lr_after_training():
     assert not np.allclose(np.abs(raw[1:]), 0.1)  # the perturbed step is not sign-SGD's, so the check has teeth
 
 
+def test_step_spread_bounds_each_coordinate_around_its_tensors_mean():
+    """step_spread s: every moving coordinate's |step| lies within [1/s, s] x its tensor's mean |step| (the mean over
+    that tensor's moving coordinates of the unbounded step), signs kept; s = 1 gives one size per tensor; s = inf
+    changes nothing; zero gradients still do not move."""
+    net = Optim4RL(hidden_size=8)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda x: x + 3.0 * rng.normal(size=x.shape), init_lopt_params(net, jax.random.PRNGKey(0)))
+    g = {"a": jnp.asarray(np.r_[0.0, 10.0 ** rng.uniform(-7, 0, 31)] * rng.choice([-1, 1], 32)),
+         "b": jnp.asarray(10.0 ** rng.uniform(-7, 0, 8))}
+
+    def step(spread):
+        tx = learned_optimizer(net, params, 0.1, normalize_step=True, step_spread=spread)
+        return jax.tree.map(np.asarray, tx.update(g, tx.init(g))[0])
+
+    free = step(math.inf)
+    ratio = np.abs(free["a"][1:]) / np.abs(free["a"][1:]).mean()
+    assert ratio.min() < 0.5 or ratio.max() > 2  # some coordinates lie outside the bound: the check has teeth
+    for spread in (1.0, 2.0):
+        bounded = step(spread)
+        for name in g:
+            moving = np.asarray(g[name]) != 0
+            mean = np.abs(free[name][moving]).mean()
+            ratio = np.abs(bounded[name][moving]) / mean
+            assert np.all(ratio >= 1 / spread - 1e-5) and np.all(ratio <= spread + 1e-5)
+            np.testing.assert_array_equal(np.sign(bounded[name]), np.sign(free[name]))
+            inside = (np.abs(free[name]) >= mean / spread) & (np.abs(free[name]) <= mean * spread)
+            np.testing.assert_allclose(bounded[name][inside], free[name][inside], rtol=1e-5)
+        assert bounded["a"][0] == 0.0
+    np.testing.assert_allclose(np.abs(step(1.0)["b"]), np.abs(free["b"]).mean(), rtol=1e-5)
+
+
+def test_checkpoint_keeps_step_spread_and_older_ones_load_unbounded(tmp_path):
+    """step_spread is part of a checkpoint's config; a checkpoint without it (before the flag) loads unbounded."""
+    args = tiny_args(step_spread=1.0)
+    net = make_lopt_net(lopt_config(args))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: x + 3.0 * rng.normal(size=x.shape), init_lopt_params(net, jax.random.PRNGKey(0)))
+    g = {"w": jnp.array([3.0, -0.2, 1e-4, 2e-7])}
+    steps = {}
+    for name, drop in (("new", False), ("old", True)):
+        ckpt = tl.optimizer_checkpoint(args, params, params, 0)
+        if drop:
+            del ckpt["config"]["step_spread"]
+        path = str(tmp_path / f"{name}.msgpack")
+        tl.save_msgpack(path, ckpt)
+        tx = load_optimizer(path, learning_rate=0.01)
+        steps[name] = np.asarray(tx.update(g, tx.init(g))[0]["w"])
+    np.testing.assert_allclose(np.abs(steps["new"]), np.abs(steps["new"]).mean(), rtol=1e-5)  # one size
+    assert np.abs(steps["old"]).max() / np.abs(steps["old"]).min() > 1.2  # unbounded: its own shape
+
+
 @pytest.mark.parametrize("bias_m, bias_v", [(1e4, -1e4), (1e4, 1e4), (-1e4, -1e4), (-1e4, 1e4)])
 def test_optim4rl_overflow_guard(bias_m, bias_v):
     """Huge output-layer biases (exponents of m and v) are clipped: updates stay finite for g in {0, 1e30}."""
