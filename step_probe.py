@@ -70,6 +70,8 @@ class Args:
     """rescaled: the mean log10|g| each tensor is scaled to (the stats mode measures -1.3 on small_dense_long at
     1e5, early and late: results/step_probe/)"""
     lopt_path: str = PRETRAINED_OPTIMIZER
+    """the learned optimizer; another checkpoint than the shipped one: --mode variants on the grids only, at its
+    own meta-trained lr (a recipe's screen: give it its own --results-dir)"""
     results_dir: str = os.path.join(REPOSITORY, "results", "step_probe")
 
 
@@ -377,12 +379,17 @@ def variants_mode(args: Args) -> None:
         grad_clip = grid_clip(args) if steps else brax_args(task).grad_clip
         num_seeds = train_lopt.Args().val_seeds if steps else \
             brax_args(task).selection_seeds if args.brax_seeds == "selection" else brax_args(task).num_seeds
-        report = {"task": task, "env_steps": steps, "learning_rate": picked_lr(task, "lopt", steps),
+        lopt_lr = picked_lr(task, "lopt", steps) if shipped(args) else \
+            train_lopt.read_optimizer_checkpoint(args.lopt_path)["config"]["lopt_lr"]  # its own meta-trained lr
+        report = {"task": task, "env_steps": steps, "learning_rate": lopt_lr,
                   "seeds": "the final evaluation's validation seeds" if steps else f"the protocol's {args.brax_seeds} seeds",
-                  "num_seeds": num_seeds, "references": {}, "variants": {}}
+                  "num_seeds": num_seeds, "lopt_path": recorded(args.lopt_path),
+                  "lopt_sha256": eval_brax.file_sha256(args.lopt_path), "references": {}, "variants": {}}
         if os.path.exists(path):  # a rerun adds to (or replaces) the variants already there
             with open(path) as f:
-                report = json.load(f)
+                saved = json.load(f)
+            if saved.get("lopt_sha256", report["lopt_sha256"]) == report["lopt_sha256"]:  # the same checkpoint's
+                report = {**saved, "lopt_path": report["lopt_path"], "lopt_sha256": report["lopt_sha256"]}
 
         def train(tx, name):
             if steps:
@@ -390,7 +397,7 @@ def variants_mode(args: Args) -> None:
             return brax_run(task, tx, None, num_seeds, f"{label} {name}", args.brax_seeds).final_returns
 
         for name in ("lopt", "sign_sgd"):
-            lr = picked_lr(task, name, steps)
+            lr = lopt_lr if name == "lopt" else picked_lr(task, name, steps)
             if steps:
                 if report["references"].get(name, {}).get("learning_rate") != lr:  # rerun once per file
                     report["references"][name] = {"source": "rerun", "learning_rate": lr,
@@ -431,6 +438,14 @@ def check_settings(args: Args) -> None:
     check_choices("--grid-steps", [str(s) for s in args.grid_steps], [str(s) for s in GRID_RESULTS])
     if not os.path.exists(args.lopt_path):
         raise UserError(f"--lopt-path {args.lopt_path}: no such file")
+    if not shipped(args) and (args.mode == "stats" or set(args.tasks) & set(BRAX_TASKS)):
+        raise UserError(f"--lopt-path {args.lopt_path}: another checkpoint than the shipped one runs only in "
+                        "--mode variants on the grids (its Brax references would be the shipped optimizer's runs; "
+                        "eval_brax.py --protocol --lopt-path tunes it on Brax)")
+
+
+def shipped(args: Args) -> bool:
+    return eval_brax.file_sha256(args.lopt_path) == eval_brax.file_sha256(PRETRAINED_OPTIMIZER)
 
 
 def main(args: Args) -> None:

@@ -144,6 +144,12 @@ def test_bad_flags_are_one_line_errors():
         sp.check_settings(sp.Args(tasks=("catch",)))
     with pytest.raises(UserError, match="--grid-steps 5"):
         sp.check_settings(sp.Args(grid_steps=(5,)))
+    with pytest.raises(UserError, match="--step-spread 0.5"):
+        sp.check_settings(sp.Args(step_spread=0.5))
+    other = os.path.join(REPO, "results", "meta_screens", "default.msgpack")  # not the shipped checkpoint
+    with pytest.raises(UserError, match="--lopt-path .*variants on the grids"):
+        sp.check_settings(sp.Args(mode="variants", tasks=("hopper",), lopt_path=other))
+    sp.check_settings(sp.Args(mode="variants", tasks=sp.GRID_TASKS, lopt_path=other))  # a recipe's screen: allowed
     result = subprocess.run([sys.executable, "step_probe.py", "--variants", "nope"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: --variants nope")
