@@ -13,6 +13,7 @@ metrics.csv where validation was measured (its flags are in SCREENS; the ES pilo
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -293,13 +294,13 @@ BRAX_ROWS = {  # protocol.json's reported runs -> row label (and line in the fig
 }
 
 
-def load_protocol(folder: str = os.path.join(HERE, "brax")) -> dict[str, dict]:
+def load_protocol(folder: str = os.path.join(HERE, "brax"), file: str = "protocol.json") -> dict[str, dict]:
     """{task: its protocol.json with each reported run loaded under "runs"}, for the tasks whose protocol finished,
     in eval_brax's task order. Each run's curves are per-seed returns at each evaluation (0 = before training)."""
     tasks = {}
     found = os.listdir(folder) if os.path.isdir(folder) else []
     for task in sorted(found, key=lambda t: (BRAX_TASKS.index(t) if t in BRAX_TASKS else len(BRAX_TASKS), t)):
-        path = os.path.join(folder, task, "protocol.json")
+        path = os.path.join(folder, task, file)
         if not os.path.exists(path):
             continue
         with open(path) as f:
@@ -323,9 +324,14 @@ def brax_normalized(protocol: dict) -> dict[str, np.ndarray]:
     return {label: (run["returns"][:, -1] - random) / (adam - random) for label, run in runs.items()}
 
 
-def brax_table(folder: str = os.path.join(HERE, "brax")) -> str:
-    """Per task and over the tasks together: each optimizer's final return, lr picked on selection seeds."""
-    tasks = load_protocol(folder)
+VALIDATION_TASKS = ("pendulum",)  # eval_brax.py's validation family, as run (results/validation/<task>/)
+VALIDATION_PROTOCOL = "python eval_brax.py --protocol --protocol-tasks pendulum"
+
+
+def brax_table(family: str = "brax") -> str:
+    """Per task and over the tasks together: each optimizer's final return, lr picked on selection seeds. family:
+    'brax' (the test) or 'validation' (gymnax tasks under the same PPO, which selection may look at)."""
+    tasks = load_protocol(os.path.join(HERE, family))
     if not tasks:
         return "_(no result files yet)_"
     lines = ["| task | optimizer | lr | final return, IQM [95% CI] | normalised, IQM [95% CI] |",
@@ -352,15 +358,16 @@ def brax_table(folder: str = os.path.join(HERE, "brax")) -> str:
             where = f"all {len(tasks)}" if len(having) == len(tasks) else " + ".join(having)
             lines.append(f"| {where} | {row} | | | {bold}{norm[0]:.2f} [{norm[1]:.2f}, {norm[2]:.2f}]{bold} |")
     first = next(iter(tasks.values()))
-    missing = [t for t in BRAX_TASKS if t not in tasks]
+    missing = [t for t in (BRAX_TASKS if family == "brax" else VALIDATION_TASKS) if t not in tasks]
+    command = BRAX_PROTOCOL if family == "brax" else VALIDATION_PROTOCOL
     lines.append("")
     lines.append(f"Final deterministic return after the CPU preset's budget, IQM over {first['num_seeds']} seeds with "
                  f"a 95% stratified-bootstrap interval; each lr picked by mean final return on "
                  f"{first['selection_seeds']} other seeds (grid 1e-4, 3e-4, 1e-3, extended at an edge). Normalised: "
                  "0 = the untrained policy, 1 = tuned clipped Adam. Learned optimizer: "
-                 f"{checkpoint_name(first['lopt_path'])}. Command: `{BRAX_PROTOCOL}`"
+                 f"{checkpoint_name(first['lopt_path'])}. Command: `{command}`"
                  + (f" (not run yet: {', '.join(missing)})" if missing else "")
-                 + "; files: " + ", ".join(f"[results/brax/{t}/](results/brax/{t}/)" for t in tasks) + ".")
+                 + "; files: " + ", ".join(f"[results/{family}/{t}/](results/{family}/{t}/)" for t in tasks) + ".")
     return "\n".join(lines)
 
 
@@ -768,6 +775,100 @@ def variants_table() -> str:
     return "\n".join(lines)
 
 
+# Recipes for generality (issue 42), each judged on the grids at 1e5 and 1e6 (16 validation seeds) and on the
+# validation family; never on Brax. name -> (how it was made, folder with its step_probe screens and, for a
+# meta-trained one, its metrics.csv and optimizer_best.msgpack)
+RECIPES = {
+    "shipped": ("the shipped optimizer (the bare command: unbounded shape)", "step_probe"),
+    "spread_1_s0": (f"`{SCREEN} --step-spread 1`: one step size per tensor, meta-trained so", "recipes/spread_1_s0"),
+    "spread_2_s0": (f"`{SCREEN} --step-spread 2`: each step within 2x its tensor's mean, meta-trained so",
+                    "recipes/spread_2_s0"),
+}
+POST_HOC = {"tensor_mean": "the shipped optimizer evaluated with `--step-spread 1` (not meta-trained so)",
+            "spread_2": "the shipped optimizer evaluated with `--step-spread 2`",
+            "spread_4": "the shipped optimizer evaluated with `--step-spread 4`"}
+RECIPE_RUNS = ("small_dense_long_1e5", "small_dense_short_1e5", "small_dense_long_1e6", "small_dense_short_1e6")
+
+
+def sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def recipe_checkpoint(folder: str) -> str:
+    return tl.PRETRAINED_OPTIMIZER if folder == "step_probe" else os.path.join(HERE, folder, "optimizer_best.msgpack")
+
+
+def validation_cell(checkpoint: str | None, label: str = "lopt") -> str:
+    """The checkpoint's (or a baseline's) normalised final return on the validation family, lr tuned."""
+    folder = os.path.join(HERE, "validation", "pendulum")
+    if checkpoint is None or not os.path.isdir(folder):
+        return "n/a"
+    digest, shipped = sha256(checkpoint), sha256(checkpoint) == sha256(tl.PRETRAINED_OPTIMIZER)
+    name = "protocol.json" if shipped or label != "lopt" else f"protocol-{digest[:8]}.json"
+    if not os.path.exists(os.path.join(folder, name)):
+        return "not run"
+    protocol = load_protocol(os.path.join(HERE, "validation"), name)["pendulum"]
+    iqm, low, high = iqm_interval([brax_normalized(protocol)[label]])
+    return f"{iqm:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def recipes_table() -> str:
+    def returns_cell(returns) -> str:
+        if returns is None:
+            return "not run"
+        iqm, low, high = iqm_interval([np.asarray(returns, float)])
+        return f"{iqm:.2f} [{low:.2f}, {high:.2f}]"
+
+    def screen(folder: str, run: str) -> dict | None:
+        path = os.path.join(HERE, folder, f"variants_{run}.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    shipped = {run: screen("step_probe", run) for run in RECIPE_RUNS}
+    if not any(shipped.values()):
+        return "_(no result files yet)_"
+    lines = ["| recipe | validation during meta-training: at 0 / best (meta-step) / last | "
+             + " | ".join(PROBE_RUNS[run] for run in RECIPE_RUNS) + " | pendulum, lr tuned (normalised) |",
+             "|---|---|" + "---:|" * (len(RECIPE_RUNS) + 1)]
+    lines.append("| sign-SGD (every recipe's meta-step-0 self), lr tuned | | "
+                 + " | ".join(returns_cell(s and s["references"]["sign_sgd"]["final_returns"]) for s in shipped.values())
+                 + f" | {validation_cell(tl.PRETRAINED_OPTIMIZER, 'sign_sgd')} |")
+    for name, (how, folder) in RECIPES.items():
+        screens = {run: screen(folder, run) for run in RECIPE_RUNS}
+        if not any(screens.values()):
+            continue
+        curve = os.path.join(HERE, folder, "metrics.csv")
+        if os.path.exists(curve):
+            with open(curve) as f:
+                rows = [r for r in csv.DictReader(f) if r["val_score"] != ""]
+            scores = np.array([float(r["val_score"]) for r in rows])
+            best = int(np.argmax(scores))
+            trajectory = f"{scores[0]:.2f} / {scores[best]:.2f} ({rows[best]['meta_step']}) / {scores[-1]:.2f}"
+        else:
+            trajectory = "(see the bare command's run)"
+        lines.append(f"| {how} | {trajectory} | "
+                     + " | ".join(returns_cell(s and s["references"]["lopt"]["final_returns"]) for s in screens.values())
+                     + f" | {validation_cell(recipe_checkpoint(folder))} |")
+    for variant, how in POST_HOC.items():
+        if any(s and variant in s["variants"] for s in shipped.values()):
+            lines.append(f"| {how} | | " + " | ".join(
+                returns_cell(s["variants"][variant]["final_returns"] if s and variant in s["variants"] else None)
+                for s in shipped.values()) + " | not run |")
+    lines.append("")
+    lines.append("Final return, IQM [95% CI] over the final evaluation's 16 validation seeds per grid (A2C, 32 envs), "
+                 "each learned optimizer at its own meta-trained lr (1e-2), sign-SGD at its tuned lr; pendulum: "
+                 "eval_brax.py's PPO, lr tuned on 4 selection seeds and reported on 8 others, 0 = untrained policy, "
+                 "1 = tuned Adam. The validation curve is meta-training's own (both grids at 1e5, 1 = tuned Adam), "
+                 "which keeps its best as optimizer_best.msgpack. Screens: `python step_probe.py --mode variants "
+                 "--tasks small_dense_long small_dense_short --variants --lopt-path CHECKPOINT --results-dir "
+                 "results/recipes/NAME`; files: [results/recipes/](results/recipes/), "
+                 "[results/step_probe/](results/step_probe/), [results/validation/](results/validation/).")
+    return "\n".join(lines)
+
+
 def plot_mechanism(path: str) -> None:
     """Left: where the gradients lie (log10|g| late in training); right: the step's size against |g|."""
     reports = load_probe("stats")
@@ -805,7 +906,8 @@ def tables() -> dict[str, str]:
             "gridworld-headroom": headroom_table(),
             "gridworld-open": gridworld_table(TABLES["gridworld"], rows={n: ROWS[n] for n in OPEN_ROWS}),
             "meta-gradient-signal": signal_table(), "meta-gradient-along": along_table(),
-            "brax": brax_table(), "brax-summary": brax_summary_table(),
+            "brax": brax_table(), "brax-summary": brax_summary_table(), "validation": brax_table("validation"),
+            "recipes": recipes_table(),
             "brax-same-seed-selection": brax_untuned_selection_table(),
             "meta-screens": screens_table(), "policy-only-seeds": seeds_table(SEED_FILES),
             "envs-32-seeds": seeds_table(ENVS_32_FILES), "envs-32-seeds-1e6": seeds_table(ENVS_32_1E6_FILES),
