@@ -776,17 +776,26 @@ def variants_table() -> str:
 
 
 # Recipes for generality (issue 42), each judged on the grids at 1e5 and 1e6 (16 validation seeds) and on the
-# validation family; never on Brax. name -> (how it was made, folder with its step_probe screens and, for a
-# meta-trained one, its metrics.csv and optimizer_best.msgpack)
+# validation family; never on Brax. name -> (how it was made, where its grid screens are: a folder of step_probe
+# files whose "lopt" reference is the checkpoint, or a variant of the shipped optimizer in step_probe/, the
+# checkpoint the validation family ran, its meta-training curve)
 RECIPES = {
-    "shipped": ("the shipped optimizer (the bare command: unbounded shape)", "step_probe"),
-    "spread_1_s0": (f"`{SCREEN} --step-spread 1`: one step size per tensor, meta-trained so", "recipes/spread_1_s0"),
-    "spread_2_s0": (f"`{SCREEN} --step-spread 2`: each step within 2x its tensor's mean, meta-trained so",
-                    "recipes/spread_2_s0"),
+    "shipped": ("the shipped optimizer (the bare command; shape unbounded)", ("screen", "step_probe"),
+                tl.PRETRAINED_OPTIMIZER, os.path.join(REPO, "checkpoints", "optim4rl_gridworld_metrics.csv")),
+    "spread_1_s0": (f"`{SCREEN} --step-spread 1` (one step size per tensor), meta-step 1000: validation never rose "
+                    "above meta-step 0, so the kept optimizer is sign-SGD itself", ("screen", "recipes/spread_1_s0_last"),
+                    None, os.path.join(HERE, "recipes", "spread_1_s0", "metrics.csv")),
+    "spread_2_s0": (f"`{SCREEN} --step-spread 2` (each step within 2x its tensor's mean), kept",
+                    ("screen", "recipes/spread_2_s0"), os.path.join(HERE, "recipes", "spread_2_s0",
+                                                                    "optimizer_best.msgpack"),
+                    os.path.join(HERE, "recipes", "spread_2_s0", "metrics.csv")),
+    "shipped_spread_1": ("the shipped optimizer run with `--step-spread 1` (not meta-trained so)",
+                         ("variant", "tensor_mean"),
+                         os.path.join(HERE, "recipes", "shipped_spread_1", "optimizer.msgpack"), None),
+    "shipped_spread_2": ("the shipped optimizer run with `--step-spread 2`", ("variant", "spread_2"),
+                         os.path.join(HERE, "recipes", "shipped_spread_2", "optimizer.msgpack"), None),
+    "shipped_spread_4": ("the shipped optimizer run with `--step-spread 4`", ("variant", "spread_4"), None, None),
 }
-POST_HOC = {"tensor_mean": "the shipped optimizer evaluated with `--step-spread 1` (not meta-trained so)",
-            "spread_2": "the shipped optimizer evaluated with `--step-spread 2`",
-            "spread_4": "the shipped optimizer evaluated with `--step-spread 4`"}
 RECIPE_RUNS = ("small_dense_long_1e5", "small_dense_short_1e5", "small_dense_long_1e6", "small_dense_short_1e6")
 
 
@@ -795,76 +804,77 @@ def sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def recipe_checkpoint(folder: str) -> str:
-    return tl.PRETRAINED_OPTIMIZER if folder == "step_probe" else os.path.join(HERE, folder, "optimizer_best.msgpack")
-
-
 def validation_cell(checkpoint: str | None, label: str = "lopt") -> str:
-    """The checkpoint's (or a baseline's) normalised final return on the validation family, lr tuned."""
-    folder = os.path.join(HERE, "validation", "pendulum")
-    if checkpoint is None or not os.path.isdir(folder):
-        return "n/a"
-    digest, shipped = sha256(checkpoint), sha256(checkpoint) == sha256(tl.PRETRAINED_OPTIMIZER)
-    name = "protocol.json" if shipped or label != "lopt" else f"protocol-{digest[:8]}.json"
-    if not os.path.exists(os.path.join(folder, name)):
+    """The checkpoint's (or, with label, a baseline's) normalised final return on pendulum, lr tuned."""
+    if checkpoint is None:
         return "not run"
-    protocol = load_protocol(os.path.join(HERE, "validation"), name)["pendulum"]
+    shipped = sha256(checkpoint) == sha256(tl.PRETRAINED_OPTIMIZER)
+    file = "protocol.json" if shipped or label != "lopt" else f"protocol-{sha256(checkpoint)[:8]}.json"
+    protocol = load_protocol(os.path.join(HERE, "validation"), file).get("pendulum")
+    if protocol is None:
+        return "not run"
     iqm, low, high = iqm_interval([brax_normalized(protocol)[label]])
     return f"{iqm:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def recipe_screens(source: tuple[str, str]) -> list[np.ndarray | None]:
+    """Per RECIPE_RUNS entry, the recipe's final returns on the validation seeds (None: not run)."""
+    kind, where = source
+    cells = []
+    for run in RECIPE_RUNS:
+        path = os.path.join(HERE, where if kind == "screen" else "step_probe", f"variants_{run}.json")
+        report = json.load(open(path)) if os.path.exists(path) else {"references": {}, "variants": {}}
+        found = report["references"].get("lopt") if kind == "screen" else report["variants"].get(where)
+        cells.append(None if found is None else np.asarray(found["final_returns"], float))
+    return cells
 
 
 def recipes_table() -> str:
     def returns_cell(returns) -> str:
         if returns is None:
             return "not run"
-        iqm, low, high = iqm_interval([np.asarray(returns, float)])
+        iqm, low, high = iqm_interval([returns])
         return f"{iqm:.2f} [{low:.2f}, {high:.2f}]"
 
-    def screen(folder: str, run: str) -> dict | None:
-        path = os.path.join(HERE, folder, f"variants_{run}.json")
-        if not os.path.exists(path):
-            return None
+    def curve_cell(path: str | None) -> str:
+        if path is None or not os.path.exists(path):
+            return ""
         with open(path) as f:
-            return json.load(f)
+            rows = [r for r in csv.DictReader(f) if r.get("val_score")]
+        scores = np.array([float(r["val_score"]) for r in rows])
+        best = int(np.argmax(scores))
+        return f"{scores[0]:.2f} / {scores[best]:.2f} ({rows[best]['meta_step']}) / {scores[-1]:.2f}"
 
-    shipped = {run: screen("step_probe", run) for run in RECIPE_RUNS}
-    if not any(shipped.values()):
+    sign_sgd = []
+    for run in RECIPE_RUNS:
+        path = os.path.join(PROBE, f"variants_{run}.json")
+        sign_sgd.append(np.asarray(json.load(open(path))["references"]["sign_sgd"]["final_returns"], float)
+                        if os.path.exists(path) else None)
+    if all(cell is None for cell in sign_sgd):
         return "_(no result files yet)_"
-    lines = ["| recipe | validation during meta-training: at 0 / best (meta-step) / last | "
+    lines = ["| recipe | validation in meta-training: at 0 / best (meta-step) / last | "
              + " | ".join(PROBE_RUNS[run] for run in RECIPE_RUNS) + " | pendulum, lr tuned (normalised) |",
-             "|---|---|" + "---:|" * (len(RECIPE_RUNS) + 1)]
-    lines.append("| sign-SGD (every recipe's meta-step-0 self), lr tuned | | "
-                 + " | ".join(returns_cell(s and s["references"]["sign_sgd"]["final_returns"]) for s in shipped.values())
-                 + f" | {validation_cell(tl.PRETRAINED_OPTIMIZER, 'sign_sgd')} |")
-    for name, (how, folder) in RECIPES.items():
-        screens = {run: screen(folder, run) for run in RECIPE_RUNS}
-        if not any(screens.values()):
+             "|---|---|" + "---:|" * (len(RECIPE_RUNS) + 1),
+             "| sign-SGD (every recipe's meta-step-0 self), lr tuned | | "
+             + " | ".join(map(returns_cell, sign_sgd)) + f" | {validation_cell(tl.PRETRAINED_OPTIMIZER, 'sign_sgd')} |",
+             "| Adam, lr tuned | | | | | | " + validation_cell(tl.PRETRAINED_OPTIMIZER, "adam") + " |",
+             "| OPEN, lr tuned | | | | | | " + validation_cell(tl.PRETRAINED_OPTIMIZER, "open") + " |"]
+    for how, source, checkpoint, curve in RECIPES.values():
+        cells = recipe_screens(source)
+        if all(cell is None for cell in cells):
             continue
-        curve = os.path.join(HERE, folder, "metrics.csv")
-        if os.path.exists(curve):
-            with open(curve) as f:
-                rows = [r for r in csv.DictReader(f) if r["val_score"] != ""]
-            scores = np.array([float(r["val_score"]) for r in rows])
-            best = int(np.argmax(scores))
-            trajectory = f"{scores[0]:.2f} / {scores[best]:.2f} ({rows[best]['meta_step']}) / {scores[-1]:.2f}"
-        else:
-            trajectory = "(see the bare command's run)"
-        lines.append(f"| {how} | {trajectory} | "
-                     + " | ".join(returns_cell(s and s["references"]["lopt"]["final_returns"]) for s in screens.values())
-                     + f" | {validation_cell(recipe_checkpoint(folder))} |")
-    for variant, how in POST_HOC.items():
-        if any(s and variant in s["variants"] for s in shipped.values()):
-            lines.append(f"| {how} | | " + " | ".join(
-                returns_cell(s["variants"][variant]["final_returns"] if s and variant in s["variants"] else None)
-                for s in shipped.values()) + " | not run |")
+        lines.append(f"| {how} | {curve_cell(curve)} | " + " | ".join(map(returns_cell, cells))
+                     + f" | {validation_cell(checkpoint)} |")
     lines.append("")
-    lines.append("Final return, IQM [95% CI] over the final evaluation's 16 validation seeds per grid (A2C, 32 envs), "
-                 "each learned optimizer at its own meta-trained lr (1e-2), sign-SGD at its tuned lr; pendulum: "
-                 "eval_brax.py's PPO, lr tuned on 4 selection seeds and reported on 8 others, 0 = untrained policy, "
-                 "1 = tuned Adam. The validation curve is meta-training's own (both grids at 1e5, 1 = tuned Adam), "
-                 "which keeps its best as optimizer_best.msgpack. Screens: `python step_probe.py --mode variants "
-                 "--tasks small_dense_long small_dense_short --variants --lopt-path CHECKPOINT --results-dir "
-                 "results/recipes/NAME`; files: [results/recipes/](results/recipes/), "
+    lines.append("Grids: final return, IQM [95% CI] over the final evaluation's 16 validation seeds per grid (A2C, 32 "
+                 "envs), each learned optimizer at its own meta-trained lr (1e-2), sign-SGD at its tuned lr. "
+                 "Pendulum (the validation family): eval_brax.py's PPO, 1e6 env steps, lr tuned on 4 selection seeds "
+                 "and reported on 8 others; 0 = the untrained policy, 1 = tuned Adam. The validation curve is "
+                 "meta-training's own (both grids at 1e5, 1 = tuned Adam); meta-training keeps its best as "
+                 "optimizer_best.msgpack. Screens: `python step_probe.py --mode variants --tasks small_dense_long "
+                 "small_dense_short --grid-steps 100000 1000000 --variants --lopt-path CHECKPOINT --results-dir "
+                 "results/recipes/NAME`; pendulum: `python eval_brax.py --protocol --protocol-tasks pendulum "
+                 "--lopt-path CHECKPOINT`. Files: [results/recipes/](results/recipes/), "
                  "[results/step_probe/](results/step_probe/), [results/validation/](results/validation/).")
     return "\n".join(lines)
 
