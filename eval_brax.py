@@ -123,7 +123,7 @@ class Args:
     a rerun finds it"""
     protocol_tasks: tuple[str, ...] = ("inverted_double_pendulum", "hopper", "reacher", "ant")
     """--protocol only: the tasks, run in this order (ant on the spring backend, the others positional); the
-    validation family, gymnax's pendulum and mountain_car, is run the same way (its runs under results/validation/)"""
+    validation family, gymnax's pendulum, is run the same way (its runs under results/validation/)"""
     selection_seeds: int = 4
     """--protocol only: seeds that pick each optimizer's lr, apart from the --num-seeds seeds reported"""
     results_dir: str = os.path.join(REPOSITORY, "results", "brax")
@@ -183,7 +183,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # ================================================================================================
 # Neither in meta-training (the grids) nor in the test (Brax), these tasks pick recipes, checkpoints and lrs
 # (issue 42's "selection without the test"), trained by the same PPO as the Brax tasks.
-GYMNAX_TASKS = {"pendulum": "Pendulum-v1", "mountain_car": "MountainCarContinuous-v0"}
+GYMNAX_TASKS = {"pendulum": "Pendulum-v1"}  # any gymnax task with deterministic dynamics and a Box action space fits
 
 
 class GymnaxTask(envs.Env):

@@ -396,7 +396,8 @@ def variants_mode(args: Args) -> None:
                 return grid_run(task, steps, tx, None, num_seeds).final_returns
             return brax_run(task, tx, None, num_seeds, f"{label} {name}", args.brax_seeds).final_returns
 
-        for name in ("lopt", "sign_sgd"):
+        # Another checkpoint (a recipe's screen) needs only its own run: sign-SGD's is in the shipped one's files.
+        for name in ("lopt", "sign_sgd") if shipped(args) else ("lopt",):
             lr = lopt_lr if name == "lopt" else picked_lr(task, name, steps)
             if steps:
                 if report["references"].get(name, {}).get("learning_rate") != lr:  # rerun once per file
@@ -408,6 +409,10 @@ def variants_mode(args: Args) -> None:
                 with open(file) as f:
                     report["references"][name] = {"source": recorded(file), "learning_rate": lr,
                                                   "final_returns": json.load(f)["final_returns"]}
+        atomic_write(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
+        print(f"[{label}] " + ", ".join(f"{name} at lr {r['learning_rate']:.2e}: final return "
+                                        f"{np.nanmean(r['final_returns']):.2f}"
+                                        for name, r in report["references"].items()), flush=True)
         for variant in args.variants:
             start, lr = time.time(), report["learning_rate"]
             tx = learned_variant(variant, args, lr, grad_clip) if variant != "as_shipped" else \

@@ -369,7 +369,7 @@ def test_protocol_resumes_from_its_saved_runs(tmp_path, monkeypatch, fast_task):
 PROTOCOL_ERRORS = {
     "unknown task": (["--protocol-tasks", "hopper", "pong"], "--protocol-tasks pong: unknown; choose from "
                                                              "inverted_double_pendulum, hopper, reacher, ant, "
-                                                             "pendulum, mountain_car"),
+                                                             "pendulum"),
     "--env": (["--env", "hopper"], "--env: not with --protocol; choose tasks with --protocol-tasks"),
     "no update": (["--protocol-tasks", "reacher", "--total-timesteps", "100"], "--total-timesteps 100: must be at least"),
     "no selection seed": (["--selection-seeds", "0"], "--selection-seeds 0: must be"),
