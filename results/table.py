@@ -328,10 +328,11 @@ VALIDATION_TASKS = ("pendulum",)  # eval_brax.py's validation family, as run (re
 VALIDATION_PROTOCOL = "python eval_brax.py --protocol --protocol-tasks pendulum"
 
 
-def brax_table(family: str = "brax") -> str:
+def brax_table(family: str = "brax", file: str = "protocol.json") -> str:
     """Per task and over the tasks together: each optimizer's final return, lr picked on selection seeds. family:
-    'brax' (the test) or 'validation' (gymnax tasks under the same PPO, which selection may look at)."""
-    tasks = load_protocol(os.path.join(HERE, family))
+    'brax' (the test) or 'validation' (gymnax tasks under the same PPO, which selection may look at); file: the
+    shipped optimizer's protocol, or protocol-<sha256[:8]>.json for another checkpoint's."""
+    tasks = load_protocol(os.path.join(HERE, family), file)
     if not tasks:
         return "_(no result files yet)_"
     lines = ["| task | optimizer | lr | final return, IQM [95% CI] | normalised, IQM [95% CI] |",
@@ -360,6 +361,8 @@ def brax_table(family: str = "brax") -> str:
     first = next(iter(tasks.values()))
     missing = [t for t in (BRAX_TASKS if family == "brax" else VALIDATION_TASKS) if t not in tasks]
     command = BRAX_PROTOCOL if family == "brax" else VALIDATION_PROTOCOL
+    if file != "protocol.json":
+        command += f" --lopt-path {first['lopt_path']}"
     lines.append("")
     lines.append(f"Final deterministic return after the CPU preset's budget, IQM over {first['num_seeds']} seeds with "
                  f"a 95% stratified-bootstrap interval; each lr picked by mean final return on "
@@ -918,6 +921,7 @@ def tables() -> dict[str, str]:
             "meta-gradient-signal": signal_table(), "meta-gradient-along": along_table(),
             "brax": brax_table(), "brax-summary": brax_summary_table(), "validation": brax_table("validation"),
             "recipes": recipes_table(),
+            "brax-shipped-spread-1": brax_table(file=f"protocol-{sha256(RECIPES['shipped_spread_1'][2])[:8]}.json"),
             "brax-same-seed-selection": brax_untuned_selection_table(),
             "meta-screens": screens_table(), "policy-only-seeds": seeds_table(SEED_FILES),
             "envs-32-seeds": seeds_table(ENVS_32_FILES), "envs-32-seeds-1e6": seeds_table(ENVS_32_1E6_FILES),

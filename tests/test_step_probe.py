@@ -3,6 +3,7 @@ changes the one thing it names, the per-tensor statistics on inputs with known a
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -154,3 +155,25 @@ def test_bad_flags_are_one_line_errors():
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: --variants nope")
     assert "Traceback" not in result.stderr
+
+
+def test_a_recipe_screen_runs_only_its_checkpoint_and_writes_its_file(tmp_path, monkeypatch):
+    """variants mode with another checkpoint and no variants (a recipe's screen): it trains only that checkpoint, at
+    its own meta-trained lr, on the grid task, and writes the file naming the checkpoint; rerun, it trains nothing."""
+    other = os.path.join(REPO, "results", "meta_screens", "default.msgpack")
+    trained = []
+
+    def grid_run(task, steps, tx, snapshots_at, num_seeds):
+        trained.append((task, steps, num_seeds))
+        return sp.Run([], [], None, None, np.arange(num_seeds, dtype=float), 1)
+
+    monkeypatch.setattr(sp, "grid_run", grid_run)
+    args = sp.Args(mode="variants", tasks=("small_dense_long",), grid_steps=(100_000,), variants=(), lopt_path=other,
+                   results_dir=str(tmp_path))
+    sp.main(args)
+    report = json.loads((tmp_path / "variants_small_dense_long_1e5.json").read_text())
+    assert trained == [("small_dense_long", 100_000, 16)] and list(report["references"]) == ["lopt"]
+    assert report["learning_rate"] == train_lopt.read_optimizer_checkpoint(other)["config"]["lopt_lr"]
+    assert report["lopt_sha256"] == sp.eval_brax.file_sha256(other) and report["variants"] == {}
+    sp.main(args)
+    assert len(trained) == 1
