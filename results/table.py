@@ -921,7 +921,8 @@ def tables() -> dict[str, str]:
             "meta-gradient-signal": signal_table(), "meta-gradient-along": along_table(),
             "brax": brax_table(), "brax-summary": brax_summary_table(), "validation": brax_table("validation"),
             "recipes": recipes_table(),
-            "brax-shipped-spread-1": brax_table(file=f"protocol-{sha256(RECIPES['shipped_spread_1'][2])[:8]}.json"),
+            **{f"brax-{name.replace('_', '-')}": brax_table(file=f"protocol-{sha256(RECIPES[name][2])[:8]}.json")
+               for name in ("shipped_spread_1", "spread_2_s0")},
             "brax-same-seed-selection": brax_untuned_selection_table(),
             "meta-screens": screens_table(), "policy-only-seeds": seeds_table(SEED_FILES),
             "envs-32-seeds": seeds_table(ENVS_32_FILES), "envs-32-seeds-1e6": seeds_table(ENVS_32_1E6_FILES),
