@@ -809,6 +809,48 @@ RECIPES = {
 RECIPE_RUNS = ("small_dense_long_1e5", "small_dense_short_1e5", "small_dense_long_1e6", "small_dense_short_1e6")
 
 
+TESTED_RECIPES = ("shipped", "shipped_spread_1", "spread_2_s0", "spread_2_s1", "spread_2_s2")
+
+
+def recipes_test_table() -> str:
+    """Brax (the test) per recipe: each checkpoint's normalised score (lr tuned) on every task its protocol ran, the
+    baselines' from the shipped protocol, and the IQM over the tasks that every baseline has."""
+    folder = os.path.join(HERE, "brax")
+    rows = {}  # row label -> {task: (normalised per seed, picked lr)}
+    shipped = load_protocol(folder)
+    if not shipped:
+        return "_(no result files yet)_"
+    for name in TESTED_RECIPES:
+        checkpoint = RECIPES[name][2]
+        file = "protocol.json" if name == "shipped" else f"protocol-{sha256(checkpoint)[:8]}.json"
+        tasks = load_protocol(folder, file)
+        rows[f"`{name}`"] = {task: (brax_normalized(p)["lopt"], p["picked_lr"]["lopt"]) for task, p in tasks.items()}
+    for label in ("sign_sgd", "open", "adam"):
+        rows[BRAX_ROWS[label]] = {task: (brax_normalized(p)[label], p["picked_lr"][label])
+                                  for task, p in shipped.items() if label in p["picked_lr"]}
+    baselines = [rows[BRAX_ROWS[label]] for label in ("sign_sgd", "open", "adam")]
+    common = [t for t in BRAX_TASKS if all(t in scores for scores in baselines)]
+
+    def cell(found) -> str:
+        if found is None:
+            return "not run"
+        iqm, low, high = iqm_interval([found[0]])
+        return f"{iqm:.2f} [{low:.2f}, {high:.2f}] @ {tl.format_lr(found[1])}"
+
+    lines = ["| optimizer | " + " | ".join(BRAX_TASKS) + f" | {' + '.join(common)} (IQM) |",
+             "|---|" + "---:|" * (len(BRAX_TASKS) + 1)]
+    for label, scores in rows.items():
+        together = iqm_interval([scores[t][0] for t in common]) if all(t in scores for t in common) else None
+        lines.append(f"| {label} | " + " | ".join(cell(scores.get(t)) for t in BRAX_TASKS) + " | "
+                     + (f"{together[0]:.2f} [{together[1]:.2f}, {together[2]:.2f}]" if together else "") + " |")
+    lines.append("")
+    lines.append("Normalised final deterministic return, IQM [95% CI] over 8 seeds per task (0 = the untrained policy, "
+                 "1 = tuned clipped Adam), @ the lr picked on 4 other seeds; the last column pools the tasks "
+                 f"every baseline has. `{BRAX_PROTOCOL} --protocol-tasks TASK --lopt-path CHECKPOINT`; the baselines' runs are the "
+                 "shipped protocol's, read back. Files: [results/brax/](results/brax/) (`lopt-<sha256[:8]>@...`).")
+    return "\n".join(lines)
+
+
 def sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -928,8 +970,7 @@ def tables() -> dict[str, str]:
             "meta-gradient-signal": signal_table(), "meta-gradient-along": along_table(),
             "brax": brax_table(), "brax-summary": brax_summary_table(), "validation": brax_table("validation"),
             "recipes": recipes_table(),
-            **{f"brax-{name.replace('_', '-')}": brax_table(file=f"protocol-{sha256(RECIPES[name][2])[:8]}.json")
-               for name in ("shipped_spread_1", "spread_2_s0")},
+            "recipes-test": recipes_test_table(),
             "brax-same-seed-selection": brax_untuned_selection_table(),
             "meta-screens": screens_table(), "policy-only-seeds": seeds_table(SEED_FILES),
             "envs-32-seeds": seeds_table(ENVS_32_FILES), "envs-32-seeds-1e6": seeds_table(ENVS_32_1E6_FILES),
