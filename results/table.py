@@ -669,8 +669,8 @@ def along_table() -> str:
     return "\n".join(lines)
 
 
-PROBE = os.path.join(HERE, "step_probe")  # step_probe.py's files: stats_<task>.json, variants_<task>.json
-PROBE_COMMAND = "python step_probe.py"
+PROBE = os.path.join(HERE, "step_probe")  # benchmarks/step_probe.py's files: stats_<task>.json, variants_<task>.json
+PROBE_COMMAND = "python benchmarks/step_probe.py"
 PROBE_RUNS = {"small_dense_long_1e5": "small_dense_long, 1e5 (meta-trained here)",
               "small_dense_short_1e5": "small_dense_short, 1e5 (meta-trained here)",
               "small_dense_long_1e6": "small_dense_long, 1e6", "small_dense_short_1e6": "small_dense_short, 1e6",
@@ -923,7 +923,7 @@ def recipes_table() -> str:
                  "Pendulum (the validation family): eval_brax.py's PPO, 1e6 env steps, lr tuned on 4 selection seeds "
                  "and reported on 8 others; 0 = the untrained policy, 1 = tuned Adam. The validation curve is "
                  "meta-training's own (both grids at 1e5, 1 = tuned Adam); meta-training keeps its best as "
-                 "optimizer_best.msgpack. Screens: `python step_probe.py --mode variants --tasks small_dense_long "
+                 "optimizer_best.msgpack. Screens: `python benchmarks/step_probe.py --mode variants --tasks small_dense_long "
                  "small_dense_short --grid-steps 100000 1000000 --variants --lopt-path CHECKPOINT --results-dir "
                  "results/recipes/NAME`; pendulum: `python eval_brax.py --protocol --protocol-tasks pendulum "
                  "--lopt-path CHECKPOINT`. Files: [results/recipes/](results/recipes/), "

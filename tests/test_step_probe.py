@@ -1,4 +1,4 @@
-"""Tests for step_probe.py: the snapshot transform keeps the right updates, each variant of the learned optimizer
+"""Tests for benchmarks/step_probe.py: the snapshot transform keeps the right updates, each variant of the learned optimizer
 changes the one thing it names, the per-tensor statistics on inputs with known answers, and flag errors."""
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-import step_probe as sp
 import train_lopt
 from common import UserError
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import step_probe as sp  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR = 1e-3
@@ -151,7 +153,7 @@ def test_bad_flags_are_one_line_errors():
     with pytest.raises(UserError, match="--lopt-path .*variants on the grids"):
         sp.check_settings(sp.Args(mode="variants", tasks=("hopper",), lopt_path=other))
     sp.check_settings(sp.Args(mode="variants", tasks=sp.GRID_TASKS, lopt_path=other))  # a recipe's screen: allowed
-    result = subprocess.run([sys.executable, "step_probe.py", "--variants", "nope"], cwd=REPO,
+    result = subprocess.run([sys.executable, "benchmarks/step_probe.py", "--variants", "nope"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: --variants nope")
     assert "Traceback" not in result.stderr

@@ -1,7 +1,7 @@
 """Why the learned optimizer fails where it fails: its inputs and steps per tensor, and variants that test why.
 
-    python step_probe.py                                          # stats: the grids it was meta-trained on, Brax
-    python step_probe.py --mode variants --tasks inverted_double_pendulum
+    python benchmarks/step_probe.py                                          # stats: the grids it was meta-trained on, Brax
+    python benchmarks/step_probe.py --mode variants --tasks inverted_double_pendulum
 
 `stats` trains agents with the shipped learned optimizer and with its meta-step-0 self (sign-SGD), each at the lr
 the tuned protocol picked for it (read from the committed results), and keeps the whole gradient and step at a few
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple
@@ -36,8 +37,9 @@ import optax
 import tyro
 from jax.flatten_util import ravel_pytree
 
-import eval_brax
-import train_lopt
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import eval_brax  # noqa: E402
+import train_lopt  # noqa: E402
 from common import (PRETRAINED_OPTIMIZER, REPOSITORY, UserError, atomic_write, check_args, check_choices, recorded,
                     run_cli)
 
