@@ -328,11 +328,10 @@ VALIDATION_TASKS = ("pendulum",)  # eval_brax.py's validation family, as run (re
 VALIDATION_PROTOCOL = "python eval_brax.py --protocol --protocol-tasks pendulum"
 
 
-def brax_table(family: str = "brax", file: str = "protocol.json") -> str:
+def brax_table(family: str = "brax") -> str:
     """Per task and over the tasks together: each optimizer's final return, lr picked on selection seeds. family:
-    'brax' (the test) or 'validation' (gymnax tasks under the same PPO, which selection may look at); file: the
-    shipped optimizer's protocol, or protocol-<sha256[:8]>.json for another checkpoint's."""
-    tasks = load_protocol(os.path.join(HERE, family), file)
+    'brax' (the test) or 'validation' (gymnax tasks under the same PPO, which selection may look at)."""
+    tasks = load_protocol(os.path.join(HERE, family))
     if not tasks:
         return "_(no result files yet)_"
     lines = ["| task | optimizer | lr | final return, IQM [95% CI] | normalised, IQM [95% CI] |",
@@ -361,8 +360,6 @@ def brax_table(family: str = "brax", file: str = "protocol.json") -> str:
     first = next(iter(tasks.values()))
     missing = [t for t in (BRAX_TASKS if family == "brax" else VALIDATION_TASKS) if t not in tasks]
     command = BRAX_PROTOCOL if family == "brax" else VALIDATION_PROTOCOL
-    if file != "protocol.json":
-        command += f" --lopt-path {first['lopt_path']}"
     lines.append("")
     lines.append(f"Final deterministic return after the CPU preset's budget, IQM over {first['num_seeds']} seeds with "
                  f"a 95% stratified-bootstrap interval; each lr picked by mean final return on "
@@ -821,9 +818,7 @@ def recipes_test_table() -> str:
     if not shipped:
         return "_(no result files yet)_"
     for name in TESTED_RECIPES:
-        checkpoint = RECIPES[name][2]
-        file = "protocol.json" if name == "shipped" else f"protocol-{sha256(checkpoint)[:8]}.json"
-        tasks = load_protocol(folder, file)
+        tasks = load_protocol(folder, protocol_file(RECIPES[name][2]))
         rows[f"`{name}`"] = {task: (brax_normalized(p)["lopt"], p["picked_lr"]["lopt"]) for task, p in tasks.items()}
     for label in ("sign_sgd", "open", "adam"):
         rows[BRAX_ROWS[label]] = {task: (brax_normalized(p)[label], p["picked_lr"][label])
@@ -856,12 +851,17 @@ def sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def protocol_file(checkpoint: str) -> str:
+    """eval_brax.py's protocol file for a checkpoint: protocol.json for the shipped one, else protocol-<sha256[:8]>."""
+    digest = sha256(checkpoint)
+    return "protocol.json" if digest == sha256(tl.PRETRAINED_OPTIMIZER) else f"protocol-{digest[:8]}.json"
+
+
 def validation_cell(checkpoint: str | None, label: str = "lopt") -> str:
     """The checkpoint's (or, with label, a baseline's) normalised final return on pendulum, lr tuned."""
     if checkpoint is None:
         return "not run"
-    shipped = sha256(checkpoint) == sha256(tl.PRETRAINED_OPTIMIZER)
-    file = "protocol.json" if shipped or label != "lopt" else f"protocol-{sha256(checkpoint)[:8]}.json"
+    file = protocol_file(checkpoint) if label == "lopt" else "protocol.json"
     protocol = load_protocol(os.path.join(HERE, "validation"), file).get("pendulum")
     if protocol is None:
         return "not run"
