@@ -267,6 +267,11 @@ def eval_schedule(args: Args) -> tuple[np.ndarray, np.ndarray]:
     return updates_per_period, np.cumsum(updates_per_period) * env_steps_per_update(args)
 
 
+def optimizer_steps(args: Args) -> int:
+    """Optimizer updates in one training run: every PPO update takes epochs x minibatches of them."""
+    return int(eval_schedule(args)[0].sum()) * args.num_updates_per_batch * args.num_minibatches
+
+
 BRAX_ACTIVATION = jax.nn.silu  # make_ppo_networks' default (swish), after every layer but the last
 
 
@@ -428,7 +433,7 @@ def make_optimizer(args: Args, name: str, lr: float) -> optax.GradientTransforma
         from train_lopt import load_optimizer  # noqa: PLC0415 (imported only when a learned optimizer is used)
 
         try:
-            return load_optimizer(args.lopt_path, lr, args.grad_clip or None)
+            return load_optimizer(args.lopt_path, lr, args.grad_clip or None, num_updates=optimizer_steps(args))
         except UserError as error:  # the message names the file; say which flag gave it
             raise UserError(f"--lopt-path: {error}") from None
     if name == "open":  # the actor (the policy network) gets OPEN's learned noise, the critic none

@@ -138,6 +138,11 @@ class Args:
     [1/spread, spread] times it; 1: every coordinate of a tensor moves by the same amount, so the network sets only
     each tensor's step size over the lifetime; inf: unbounded (docs/mechanism.md: the unbounded shape is what fails
     on long lifetimes and on Brax)"""
+    step_schedule: int = 0
+    """learn the step's overall size as a function of training progress (the fraction of the agent's updates done):
+    log10 of a factor on the lr, linear between this many knots spread over the lifetime, zero (sign-SGD) at
+    meta-step 0; the optax transform then needs the run's number of updates, like a schedule. 0: no schedule (under
+    --normalize-step the lr alone then sets the step's size, so the optimizer cannot anneal)"""
     lopt_lr: float = 1e-2
     """learning rate multiplying the learned optimizer's output (at meta-step 0 the optimizer is sign-SGD at this
     lr; 1e-2 is sign-SGD's tuned lr on both small grids at 1e5 env steps)"""
@@ -323,6 +328,7 @@ def lopt_config(args: Args) -> dict:
         grad_processing=args.grad_processing,
         normalize_step=args.normalize_step,
         step_spread=args.step_spread,
+        step_schedule=args.step_schedule,
         lopt_lr=args.lopt_lr,
         grad_clip=args.grad_clip,
     )
@@ -332,34 +338,57 @@ def initial_carry(net: nn.Module, num_coordinates: int) -> tuple[jax.Array, ...]
     return tuple(jnp.zeros((num_coordinates, net.hidden_size)) for _ in range(net.num_rnns))
 
 
-def init_lopt_params(net: nn.Module, key: jax.Array):
-    return net.init(key, initial_carry(net, 1), jnp.zeros(1))
+def init_lopt_params(net: nn.Module, key: jax.Array, step_schedule: int = 0):
+    """The network's parameters; with step_schedule knots, also the learned log10 step factor at each (zeros)."""
+    params = net.init(key, initial_carry(net, 1), jnp.zeros(1))
+    if step_schedule:
+        params = {"params": {**params["params"], STEP_SCHEDULE: jnp.zeros(step_schedule)}}
+    return params
+
+
+STEP_SCHEDULE = "step_schedule"  # its parameter's name: the network's apply ignores it
+MAX_LOG10_STEP_FACTOR = 2.0  # the schedule's factor stays within 1e-2..1e2
+
+
+def step_factor(knots: jax.Array, count: jax.Array, num_updates: int) -> jax.Array:
+    """10 ** (the knots' values linearly interpolated at the training progress count / (num_updates - 1))."""
+    progress = jnp.minimum(count / max(num_updates - 1, 1), 1.0)
+    log10_factor = jnp.interp(progress, jnp.linspace(0.0, 1.0, knots.shape[0]), knots)
+    return 10.0 ** jnp.clip(log10_factor, -MAX_LOG10_STEP_FACTOR, MAX_LOG10_STEP_FACTOR)
 
 
 # --- The learned optimizer as an optax GradientTransformation, as agents use it: clip, then the network's step ---
 
 class LearnedOptState(NamedTuple):
     carry: tuple[jax.Array, ...]  # per-coordinate recurrent state, each (num_coordinates, hidden_size)
+    count: jax.Array | None = None  # updates taken; only with a step schedule
 
 
 def learned_optimizer(
     net: nn.Module, lopt_params, learning_rate: float, rematerialize: bool = False, normalize_step: bool = False,
-    step_spread: float = math.inf,
+    step_spread: float = math.inf, num_updates: int | None = None,
 ) -> optax.GradientTransformation:
     """A learned optimizer as an optax transformation; all parameter leaves are one flat coordinate batch.
 
     normalize_step divides the network's step by its RMS over the coordinates with a non-zero gradient (the others
     do not move under Optim4RL), so the step's size is the learning rate's alone. step_spread then bounds each
     coordinate's |step| to [1/step_spread, step_spread] times its tensor's mean |step| (over the same coordinates).
+    A step schedule in lopt_params (--step-schedule) finally multiplies the step by its factor at the training
+    progress: num_updates, the number of updates the run will take, is then required, as an optax schedule's horizon.
 
     rematerialize (meta-training, which differentiates through the updates) puts each update under
     jax.checkpoint: the backward pass keeps only the update's inputs and recomputes the GRU gate activations
     (about 200 floats per coordinate), one update at a time.
     """
     apply = jax.checkpoint(net.apply) if rematerialize else net.apply
+    schedule = lopt_params["params"].get(STEP_SCHEDULE)
+    if schedule is not None and (num_updates is None or num_updates < 1):
+        raise UserError(f"this learned optimizer has a step schedule over training progress: pass num_updates, the "
+                        f"number of updates the run takes (>= 1), got {num_updates}")
 
     def init(params):
-        return LearnedOptState(initial_carry(net, ravel_pytree(params)[0].size))
+        count = None if schedule is None else jnp.zeros((), jnp.int32)
+        return LearnedOptState(initial_carry(net, ravel_pytree(params)[0].size), count)
 
     def update(grads, state, params=None):
         del params
@@ -371,7 +400,10 @@ def learned_optimizer(
                                      + 1e-12)
         if step_spread < math.inf:
             direction = bound_spread(direction, moving, tensor_ids(grads), step_spread)
-        return unravel(-learning_rate * direction), LearnedOptState(carry)
+        if schedule is None:
+            return unravel(-learning_rate * direction), LearnedOptState(carry)
+        factor = step_factor(schedule, state.count, num_updates)
+        return unravel(-learning_rate * factor * direction), LearnedOptState(carry, state.count + 1)
 
     return optax.GradientTransformation(init, update)
 
@@ -392,7 +424,8 @@ def bound_spread(direction: jax.Array, moving: jax.Array, ids: np.ndarray, sprea
 
 
 def step_options(config: dict) -> dict:
-    """The step's post-processing a checkpoint was meta-trained with (older checkpoints predate step_spread)."""
+    """The step's post-processing a checkpoint was meta-trained with (older checkpoints predate step_spread; the
+    step schedule is in its parameters)."""
     return dict(normalize_step=config.get("normalize_step", False), step_spread=config.get("step_spread", math.inf))
 
 
@@ -404,24 +437,28 @@ def with_grad_clip(tx: optax.GradientTransformation, grad_clip: float | None) ->
 def clipped_learned_optimizer(net: nn.Module, lopt_params, learning_rate, grad_clip: float | None,
                               rematerialize: bool = False,
                               normalize_step: bool = False,
-                              step_spread: float = math.inf) -> optax.GradientTransformation:
+                              step_spread: float = math.inf,
+                              num_updates: int | None = None) -> optax.GradientTransformation:
     """The learned optimizer as agents use it everywhere: element-wise clip, then the network's step."""
     return with_grad_clip(learned_optimizer(net, lopt_params, learning_rate, rematerialize, normalize_step,
-                                            step_spread), grad_clip)
+                                            step_spread, num_updates), grad_clip)
 
 
-def load_optimizer(path: str, learning_rate: float | None = None, grad_clip: float | None = -1.0):
+def load_optimizer(path: str, learning_rate: float | None = None, grad_clip: float | None = -1.0,
+                   num_updates: int | None = None):
     """Load a trained learned optimizer as an `optax.GradientTransformation`.
 
     The recurrent state lives in the optax state, so it works under `jax.jit` and inside `optax.chain`.
     By default it uses the learning rate and element-wise gradient clip it was meta-trained with;
-    pass `grad_clip=None` to drop the clip.
+    pass `grad_clip=None` to drop the clip. An optimizer meta-trained with --step-schedule needs num_updates, the
+    number of updates the run will take (like an optax schedule's horizon); others ignore it.
     """
     ckpt = read_optimizer_checkpoint(path)
     config = ckpt["config"]
     lr = config["lopt_lr"] if learning_rate is None else learning_rate
     clip = config["grad_clip"] if grad_clip == -1.0 else grad_clip
-    return clipped_learned_optimizer(make_lopt_net(config), ckpt["params"], lr, clip, **step_options(config))
+    return clipped_learned_optimizer(make_lopt_net(config), ckpt["params"], lr, clip, **step_options(config),
+                                     num_updates=num_updates)
 
 
 # ================================================================================================
@@ -767,12 +804,14 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
     )
 
     def inner_tx(lopt_params):
+        # An agent's lifetime is reset_interval meta-steps of K updates: its training progress runs over them.
         return clipped_learned_optimizer(net, lopt_params, args.lopt_lr, args.grad_clip, rematerialize=True,
-                                         **step_options(lopt_config(args)))
+                                         **step_options(lopt_config(args)),
+                                         num_updates=args.reset_interval * args.inner_updates)
 
     def init(key) -> MetaState:
         key_lopt, key_pop, key = jax.random.split(key, 3)  # key_lopt: see initial_lopt_params
-        lopt_params = init_lopt_params(net, key_lopt)
+        lopt_params = init_lopt_params(net, key_lopt, args.step_schedule)
         tx = inner_tx(lopt_params)
         pop_keys = jax.random.split(key_pop, len(tasks))
         populations = tuple(jax.vmap(partial(init_agent, task, tx))(agent_keys(k)) for task, k in zip(tasks, pop_keys))
@@ -878,7 +917,8 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
 def initial_lopt_params(args: Args):
     """The optimizer's parameters at meta-step 0 of a run with --seed (those make_meta_train's init draws)."""
     key_lopt = jax.random.split(jax.random.PRNGKey(args.seed), 3)[0]
-    return jax.jit(partial(init_lopt_params, make_lopt_net(lopt_config(args))))(key_lopt)
+    return jax.jit(partial(init_lopt_params, make_lopt_net(lopt_config(args)), step_schedule=args.step_schedule))(
+        key_lopt)
 
 
 def meta_task_names(args: Args, group: tuple[str, ...]) -> tuple[str, ...]:
@@ -1014,7 +1054,8 @@ class TaskEvaluator:
             def make_tx(tx_params):
                 lr, lopt_params, baseline = tx_params
                 if trainer == "lopt":
-                    return clipped_learned_optimizer(self.net, lopt_params, lr, clip, **step_options(self.config))
+                    return clipped_learned_optimizer(self.net, lopt_params, lr, clip, **step_options(self.config),
+                                                     num_updates=self.num_updates)
                 if trainer == "random":  # its agents never update: any optimizer only sets up their state
                     return with_grad_clip(baseline_optimizer("adam", lr), clip)
                 if trainer == "open":  # behind its own clip (global norm 0.5), as it was meta-trained
@@ -1357,7 +1398,7 @@ def read_optimizer_checkpoint(path: str) -> dict:
         raise UserError(f"{path} is not a learned-optimizer checkpoint of this project")
     config = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in config.items()}
     try:
-        template = init_lopt_params(make_lopt_net(config), jax.random.PRNGKey(0))
+        template = init_lopt_params(make_lopt_net(config), jax.random.PRNGKey(0), config.get(STEP_SCHEDULE, 0))
         restore = lambda params: serialization.from_state_dict(template, params)  # noqa: E731
         params = restore(tree["params"])
         init_params = restore(tree.get("init_params", tree["params"]))
@@ -1938,6 +1979,8 @@ def check_settings(args: Args) -> None:
                unit_interval=("gamma", "gae_lambda"))
     if not args.step_spread >= 1:  # also rejects nan
         raise UserError(f"--step-spread {args.step_spread}: must be >= 1 (1: one step size per tensor; inf: unbounded)")
+    if args.step_schedule == 1 or args.step_schedule < 0:
+        raise UserError(f"--step-schedule {args.step_schedule}: must be 0 (no schedule) or >= 2 knots")
     agents_per_chunk(args)
     for prefix in ("eval", "val"):
         steps, envs = getattr(args, f"{prefix}_steps"), args.eval_envs

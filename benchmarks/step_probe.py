@@ -135,13 +135,15 @@ def tensor_moments(tree, moving):
     return jax.tree.map(stats, tree, moving)
 
 
-def learned_variant(variant: str, args: Args, learning_rate: float, grad_clip: float) -> optax.GradientTransformation:
+def learned_variant(variant: str, args: Args, learning_rate: float, grad_clip: float,
+                    num_updates: int) -> optax.GradientTransformation:
     """The shipped learned optimizer, element-wise clip included, with one change (see the module docstring)."""
     ckpt = train_lopt.read_optimizer_checkpoint(args.lopt_path)
     net = train_lopt.make_lopt_net(ckpt["config"])
     options = train_lopt.step_options(ckpt["config"])
     options["step_spread"] = {"tensor_mean": 1.0, "spread": args.step_spread}.get(variant, options["step_spread"])
-    base = train_lopt.learned_optimizer(net, ckpt["params"], 1.0, **options)  # unit lr: its update is -direction
+    base = train_lopt.learned_optimizer(net, ckpt["params"], 1.0, **options,  # unit lr: its update is -direction
+                                        num_updates=num_updates)
     clip = optax.clip(grad_clip)
 
     def init(params):
@@ -190,11 +192,21 @@ def tensor_layout(params) -> tuple[list[str], list[int]]:
     return names, [int(np.size(leaf)) for _, leaf in leaves]
 
 
+def grid_updates(steps: int) -> int:
+    args = train_lopt.Args()
+    return steps // (args.rollout_steps * args.eval_envs)
+
+
+def run_updates(task: str, steps: int | None) -> int:
+    """Optimizer updates in a run: A2C's on a grid of `steps` env steps, PPO's on a Brax task (steps None)."""
+    return grid_updates(steps) if steps else eval_brax.optimizer_steps(brax_args(task))
+
+
 def grid_run(task_name: str, steps: int, tx: optax.GradientTransformation, snapshots_at, num_seeds: int) -> Run:
     """A2C agents as the final evaluation trains them (its envs per agent, the validation seed stream)."""
     args = train_lopt.Args()
     task = train_lopt.Task.make(task_name, train_lopt.Args(num_envs=args.eval_envs))
-    num_updates = steps // (args.rollout_steps * args.eval_envs)
+    num_updates = grid_updates(steps)
     tx = snapshotting(tx, snapshots_at(num_updates)) if snapshots_at else tx
     keys = train_lopt.evaluation_keys(task_name, train_lopt.VAL_STREAM, num_seeds, "--num-seeds")
 
@@ -213,10 +225,6 @@ def brax_args(task: str) -> eval_brax.Args:
     return eval_brax.parse_args([], env=task)
 
 
-def brax_updates(args: eval_brax.Args) -> int:
-    return int(eval_brax.eval_schedule(args)[0].sum()) * args.num_updates_per_batch * args.num_minibatches
-
-
 def brax_keys(args: eval_brax.Args, num_seeds: int, seeds: str = "selection") -> jax.Array:
     return eval_brax.protocol_keys(args)[seeds][:num_seeds]
 
@@ -225,7 +233,7 @@ def brax_run(task: str, tx: optax.GradientTransformation, snapshots_at, num_seed
              seeds: str = "selection") -> Run:
     """PPO as eval_brax's protocol trains it, on the first num_seeds of its selection (or reported) seeds."""
     args = brax_args(task)
-    num_updates = brax_updates(args)
+    num_updates = eval_brax.optimizer_steps(args)
     tx = snapshotting(tx, snapshots_at(num_updates)) if snapshots_at else tx
     env = eval_brax.envs.get_environment(task, backend=args.backend)
     progress = eval_brax.ProgressPrinter(label, eval_brax.eval_schedule(args)[1], num_seeds)
@@ -327,9 +335,10 @@ def run_stats(run: Run, lr: float, grad_clip: float, early: np.ndarray) -> dict:
 # ================================================================================================
 
 
-def probe_optimizer(name: str, lr: float, grad_clip: float, args: Args) -> optax.GradientTransformation:
+def probe_optimizer(name: str, lr: float, grad_clip: float, args: Args,
+                    num_updates: int) -> optax.GradientTransformation:
     if name == "lopt":
-        return train_lopt.load_optimizer(args.lopt_path, lr, grad_clip)
+        return train_lopt.load_optimizer(args.lopt_path, lr, grad_clip, num_updates)
     return train_lopt.with_grad_clip(optax.sign_sgd(lr), grad_clip)
 
 
@@ -345,7 +354,7 @@ def stats_mode(args: Args) -> None:
         for name in ("lopt", "sign_sgd"):
             lr, start = picked_lr(task, name, steps), time.time()
             snapshots_at = lambda n: np.concatenate(snapshot_updates(n, args.snapshots))
-            tx = probe_optimizer(name, lr, grad_clip, args)
+            tx = probe_optimizer(name, lr, grad_clip, args, run_updates(task, steps))
             if steps:
                 run = grid_run(task, steps, tx, snapshots_at, args.num_seeds)
             else:
@@ -379,6 +388,7 @@ def variants_mode(args: Args) -> None:
         label = run_label(task, steps) + ("_reported" if not steps and args.brax_seeds == "reported" else "")
         path = os.path.join(args.results_dir, f"variants_{label}.json")
         grad_clip = grid_clip(args) if steps else brax_args(task).grad_clip
+        num_updates = run_updates(task, steps)
         num_seeds = train_lopt.Args().val_seeds if steps else \
             brax_args(task).selection_seeds if args.brax_seeds == "selection" else brax_args(task).num_seeds
         lopt_lr = picked_lr(task, "lopt", steps) if shipped(args) else \
@@ -404,8 +414,8 @@ def variants_mode(args: Args) -> None:
             if steps:
                 if report["references"].get(name, {}).get("learning_rate") != lr:  # rerun once per file
                     report["references"][name] = {"source": "rerun", "learning_rate": lr,
-                                                  "final_returns": train(probe_optimizer(name, lr, grad_clip, args),
-                                                                         name).tolist()}
+                                                  "final_returns": train(probe_optimizer(name, lr, grad_clip, args,
+                                                                                         num_updates), name).tolist()}
             else:
                 file = os.path.join(REPOSITORY, "results", "brax", task, f"{name}@{lr:.2e}_{args.brax_seeds}.json")
                 with open(file) as f:
@@ -417,8 +427,8 @@ def variants_mode(args: Args) -> None:
                                         for name, r in report["references"].items()), flush=True)
         for variant in args.variants:
             start, lr = time.time(), report["learning_rate"]
-            tx = learned_variant(variant, args, lr, grad_clip) if variant != "as_shipped" else \
-                probe_optimizer("lopt", lr, grad_clip, args)
+            tx = learned_variant(variant, args, lr, grad_clip, num_updates) if variant != "as_shipped" else \
+                probe_optimizer("lopt", lr, grad_clip, args, num_updates)
             returns = train(tx, variant)
             variant = f"spread_{args.step_spread:g}" if variant == "spread" else variant
             report["variants"][variant] = {"final_returns": returns.tolist(),

@@ -65,7 +65,7 @@ def test_snapshot_windows_are_the_first_and_last_tenth():
 
 def variant(name: str, **changes):
     args = sp.Args(**changes)
-    return sp.learned_variant(name, args, LR, 1.0)
+    return sp.learned_variant(name, args, LR, 1.0, num_updates=100)
 
 
 def moving_tensors(name: str, shipped_steps):

@@ -353,6 +353,55 @@ def test_step_spread_bounds_each_coordinate_around_its_tensors_mean():
     np.testing.assert_allclose(np.abs(step(1.0)["b"]), np.abs(free["b"]).mean(), rtol=1e-5)
 
 
+def test_step_schedule_scales_the_step_by_its_factor_at_the_training_progress():
+    """With knots v (log10 factors at progress 0, 1/(n-1), ..., 1), update t of a run of T is the unscheduled one
+    times 10 ** interp(t / (T - 1), knots, v), and 10 ** v[-1] past the end; zero knots (meta-step 0) change
+    nothing; the factor stays within 1e-2..1e2."""
+    net = Optim4RL(hidden_size=8)
+    rng = np.random.default_rng(2)
+    plain = jax.tree.map(lambda x: x + rng.normal(size=x.shape), init_lopt_params(net, jax.random.PRNGKey(0)))
+    g = {"w": jnp.asarray(rng.normal(size=6))}
+
+    def steps(params, num_updates, count):
+        tx = learned_optimizer(net, params, 0.1, normalize_step=True, num_updates=num_updates)
+        state, out = tx.init(g), []
+        for _ in range(count):
+            update, state = tx.update(g, state)
+            out.append(np.asarray(update["w"]))
+        return np.array(out)
+
+    unscheduled = steps(plain, None, 6)
+    scheduled = lambda knots, count=6: steps(  # noqa: E731
+        {"params": {**plain["params"], tl.STEP_SCHEDULE: jnp.asarray(knots, jnp.float32)}}, 5, count)
+    np.testing.assert_allclose(scheduled([0.0, 0.0, 0.0]), unscheduled, rtol=1e-6)
+    # T = 5 updates, knots at progress 0, 0.5, 1: updates 0..4 at progress 0, .25, .5, .75, 1; update 5 is past the end.
+    expected = 10.0 ** np.array([0.0, -0.5, -1.0, -0.75, -0.5, -0.5])
+    np.testing.assert_allclose(scheduled([0.0, -1.0, -0.5]), unscheduled * expected[:, None], rtol=1e-5)
+    np.testing.assert_allclose(scheduled([-7.0, 7.0], 1), unscheduled[:1] * 1e-2, rtol=1e-5)  # clipped at 1e-2
+    with pytest.raises(UserError, match="pass num_updates"):  # raised when the transform is built
+        learned_optimizer(net, {"params": {**plain["params"], tl.STEP_SCHEDULE: jnp.zeros(2)}}, 0.1)
+
+
+def test_checkpoint_keeps_step_schedule_and_load_optimizer_needs_num_updates(tmp_path):
+    """A checkpoint of a --step-schedule run restores its knots; load_optimizer then asks for the run's length
+    (a one-line UserError without it) and follows the schedule with it."""
+    args = tiny_args(step_schedule=2)
+    params = init_lopt_params(make_lopt_net(lopt_config(args)), jax.random.PRNGKey(0), 2)
+    params["params"][tl.STEP_SCHEDULE] = jnp.array([0.0, -1.0])
+    path = str(tmp_path / "scheduled.msgpack")
+    tl.save_msgpack(path, tl.optimizer_checkpoint(args, params, params, 0))
+    np.testing.assert_array_equal(tl.read_optimizer_checkpoint(path)["params"]["params"][tl.STEP_SCHEDULE], [0, -1])
+    with pytest.raises(UserError, match="pass num_updates") as error:
+        load_optimizer(path)
+    assert "\n" not in str(error.value)
+    tx = load_optimizer(path, learning_rate=0.01, num_updates=2)
+    g = {"w": jnp.array([3.0, -0.2])}
+    first, state = tx.update(g, tx.init(g))
+    last, _ = tx.update(g, state)
+    np.testing.assert_allclose(np.abs(first["w"]), 0.01, rtol=1e-5)  # sign-SGD at meta-step 0's network
+    np.testing.assert_allclose(np.abs(last["w"]), 0.001, rtol=1e-5)  # the end of the schedule: a tenth
+
+
 def test_checkpoint_keeps_step_spread_and_older_ones_load_unbounded(tmp_path):
     """step_spread is part of a checkpoint's config; a checkpoint without it (before the flag) loads unbounded."""
     args = tiny_args(step_spread=1.0)
@@ -501,13 +550,14 @@ def test_conv2x2_matches_flax_conv():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lopt", ["optim4rl", "l2l", "linear"])
-def test_meta_gradient_matches_finite_differences(lopt):
-    """d loss(theta_K) / d phi through K=3 learned-optimizer steps (scan + jax.checkpoint) vs central FD."""
+@pytest.mark.parametrize("lopt, step_schedule", [("optim4rl", 0), ("l2l", 0), ("linear", 0), ("optim4rl", 3)])
+def test_meta_gradient_matches_finite_differences(lopt, step_schedule):
+    """d loss(theta_K) / d phi through K=3 learned-optimizer steps (scan + jax.checkpoint) vs central FD; with a
+    step schedule (and the normalised step it scales), its knots' gradient too."""
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):
         net = make_lopt_net(dict(lopt=lopt, hidden_size=8, grad_processing=True))
-        phi0 = init_lopt_params(net, jax.random.PRNGKey(1))
+        phi0 = init_lopt_params(net, jax.random.PRNGKey(1), step_schedule)
         # Perturb so the output layers are non-zero and every parameter matters.
         phi0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64)
                             + 0.1 * jnp.asarray(rng.normal(size=x.shape)), phi0)
@@ -516,7 +566,7 @@ def test_meta_gradient_matches_finite_differences(lopt):
         target = jnp.asarray(rng.normal(size=5))
 
         def loss(phi):
-            tx = learned_optimizer(net, phi, 0.3)
+            tx = learned_optimizer(net, phi, 0.3, normalize_step=step_schedule > 0, num_updates=4)
 
             def step(carry, g):
                 theta, state = carry
@@ -1193,6 +1243,8 @@ def test_cli_help(cli):
     (["--val-seeds", "0"], "--val-seeds 0"),
     (["--val-every", "-1"], "--val-every -1"),
     (["--time-limit", "0"], "--time-limit 0"),
+    (["--step-schedule", "1"], "--step-schedule 1: must be 0 (no schedule) or >= 2 knots"),
+    (["--step-schedule", "-2"], "--step-schedule -2"),
     (["--seed", "-1"], "--seed -1: must be an integer in [0, 4294967295]"),
     (["--out-dir", "README.md/runs"], "--out-dir README.md/runs: cannot write there"),
 ])
