@@ -793,6 +793,14 @@ RECIPES = {
                              ("screen", f"recipes/spread_2_s{seed}"),
                              os.path.join(HERE, "recipes", f"spread_2_s{seed}", "optimizer_best.msgpack"),
                              os.path.join(HERE, "recipes", f"spread_2_s{seed}", "metrics.csv")) for seed in (1, 2)},
+    "sched_8_s0": (f"`{SCREEN} --step-schedule 8` (a learned step factor over training progress), kept",
+                   ("screen", "recipes/sched_8_s0"), os.path.join(HERE, "recipes", "sched_8_s0", "optimizer_best.msgpack"),
+                   os.path.join(HERE, "recipes", "sched_8_s0", "metrics.csv")),
+    **{f"sched_8_spread_2_s{seed}": (f"`{SCREEN.replace('--seed 0', f'--seed {seed}')} --step-spread 2 --step-schedule 8`"
+                                     " (both), kept", ("screen", f"recipes/sched_8_spread_2_s{seed}"),
+                                     os.path.join(HERE, "recipes", f"sched_8_spread_2_s{seed}", "optimizer_best.msgpack"),
+                                     os.path.join(HERE, "recipes", f"sched_8_spread_2_s{seed}", "metrics.csv"))
+       for seed in (0, 1, 2)},
     "spread_2_s0_spread_1": ("the same checkpoint run with `--step-spread 1` (its shape removed, its per-tensor sizes kept)",
                              ("screen", "recipes/spread_2_s0_spread_1"),
                              os.path.join(HERE, "recipes", "spread_2_s0_spread_1", "optimizer.msgpack"), None),
@@ -881,6 +889,16 @@ def recipe_screens(source: tuple[str, str]) -> list[np.ndarray | None]:
     return cells
 
 
+def schedule_text(checkpoint: str | None) -> str:
+    """A checkpoint's learned step factors (--step-schedule), from the start of the lifetime to its end, if it has them."""
+    if checkpoint is None or not os.path.exists(checkpoint):
+        return ""
+    knots = tl.read_optimizer_checkpoint(checkpoint)["params"]["params"].get(tl.STEP_SCHEDULE)
+    if knots is None:
+        return ""
+    return "; step factor over the lifetime: " + " ".join(f"{10 ** k:.2f}" for k in np.asarray(knots))
+
+
 def recipes_table() -> str:
     def returns_cell(returns) -> str:
         if returns is None:
@@ -915,7 +933,7 @@ def recipes_table() -> str:
         cells = recipe_screens(source)
         if all(cell is None for cell in cells):
             continue
-        lines.append(f"| {how} | {curve_cell(curve)} | " + " | ".join(map(returns_cell, cells))
+        lines.append(f"| {how}{schedule_text(checkpoint)} | {curve_cell(curve)} | " + " | ".join(map(returns_cell, cells))
                      + f" | {validation_cell(checkpoint)} |")
     lines.append("")
     lines.append("Grids: final return, IQM [95% CI] over the final evaluation's 16 validation seeds per grid (A2C, 32 "
