@@ -97,6 +97,10 @@ ENVS_32_1E6_FILES = {f"gridworld_envs32_s{seed}_1e6.json": seed for seed in (0, 
 # The kept optimizer of the screen `--reset-interval 400 --no-normalize-step` (meta_screens/reset_400_no_normalize.csv:
 # lifetimes of 400 x K 4 = 1,600 updates, the step's size left to meta-training), at both horizons:
 # python train_lopt.py --env-group gridworld --eval-only [--eval-steps 1000000] --lopt-path <run>/optimizer_best.msgpack
+# The kept optimizer of `python train_lopt.py --env-group gridworld --no-final-eval --seed 0 --step-spread 2
+# --step-schedule 8` (results/recipes/sched_8_spread_2_s0/optimizer_best.msgpack), through the tuned protocol:
+# --eval-only --lopt-path <it> [--eval-steps 1000000]
+SCHEDULE_FILES = {"gridworld_sched8_spread2_s0_1e5.json": "1e5", "gridworld_sched8_spread2_s0_1e6.json": "1e6"}
 ALIGNED_FILES = {"gridworld_aligned_s0_1e5.json": "1e5", "gridworld_aligned_s0_1e6.json": "1e6"}  # --eval-steps
 SEED_ROWS = ("lopt", "lopt_tuned", "lopt_init", "sign_sgd", "adam")
 # meta_screens/ file -> meta-seed: the default recipe's validation over 1000 meta-steps (the runs of ENVS_32_FILES)
@@ -801,6 +805,12 @@ RECIPES = {
                                      os.path.join(HERE, "recipes", f"sched_8_spread_2_s{seed}", "optimizer_best.msgpack"),
                                      os.path.join(HERE, "recipes", f"sched_8_spread_2_s{seed}", "metrics.csv"))
        for seed in (0, 1, 2)},
+    **{f"sched_8_spread_2_s0_{name}": (how, ("screen", f"recipes/sched_8_spread_2_s0_{name}"),
+                                       os.path.join(HERE, "recipes", f"sched_8_spread_2_s0_{name}", "optimizer.msgpack"),
+                                       None)
+       for name, how in (("no_schedule", "its meta-seed-0 checkpoint with the schedule removed (every factor 1)"),
+                         ("spread_1", "the same checkpoint run with `--step-spread 1` (its shape removed, its schedule "
+                                      "and per-tensor sizes kept)"))},
     "spread_2_s0_spread_1": ("the same checkpoint run with `--step-spread 1` (its shape removed, its per-tensor sizes kept)",
                              ("screen", "recipes/spread_2_s0_spread_1"),
                              os.path.join(HERE, "recipes", "spread_2_s0_spread_1", "optimizer.msgpack"), None),
@@ -993,6 +1003,7 @@ def tables() -> dict[str, str]:
             "meta-screens": screens_table(), "policy-only-seeds": seeds_table(SEED_FILES),
             "envs-32-seeds": seeds_table(ENVS_32_FILES), "envs-32-seeds-1e6": seeds_table(ENVS_32_1E6_FILES),
             "aligned-screen": seeds_table(ALIGNED_FILES, column="env steps"),
+            "schedule-tuned": seeds_table(SCHEDULE_FILES, column="env steps"),
             "policy-only-2000": long_runs_table(),
             "mechanism": mechanism_table(), "mechanism-variants": variants_table()}
 
