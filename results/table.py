@@ -824,7 +824,8 @@ RECIPES = {
 RECIPE_RUNS = ("small_dense_long_1e5", "small_dense_short_1e5", "small_dense_long_1e6", "small_dense_short_1e6")
 
 
-TESTED_RECIPES = ("shipped", "shipped_spread_1", "spread_2_s0", "spread_2_s1", "spread_2_s2")
+TESTED_RECIPES = ("shipped", "shipped_spread_1", "spread_2_s0", "spread_2_s1", "spread_2_s2", "sched_8_spread_2_s0",
+                  "sched_8_spread_2_s0_spread_1")
 
 
 def recipes_test_table() -> str:
