@@ -783,37 +783,37 @@ def variants_table() -> str:
 # validation family; never on Brax. name -> (how it was made, where its grid screens are: a folder of step_probe
 # files whose "lopt" reference is the checkpoint, or a variant of the shipped optimizer in step_probe/, the
 # checkpoint the validation family ran, its meta-training curve)
+def kept(name: str, how: str) -> tuple:
+    """A meta-trained recipe's entry: its screens, kept checkpoint and meta-training curve under recipes/<name>/."""
+    folder = os.path.join(HERE, "recipes", name)
+    return (how, ("screen", f"recipes/{name}"), os.path.join(folder, "optimizer_best.msgpack"),
+            os.path.join(folder, "metrics.csv"))
+
+
+def run_with(name: str, how: str) -> tuple:
+    """A checkpoint run with another setting (recipes/<name>/optimizer.msgpack, not meta-trained so): no curve."""
+    return (how, ("screen", f"recipes/{name}"), os.path.join(HERE, "recipes", name, "optimizer.msgpack"), None)
+
+
 RECIPES = {
     "shipped": ("the shipped optimizer (the bare command; shape unbounded)", ("screen", "step_probe"),
                 tl.PRETRAINED_OPTIMIZER, os.path.join(REPO, "checkpoints", "optim4rl_gridworld_metrics.csv")),
     "spread_1_s0": (f"`{SCREEN} --step-spread 1` (one step size per tensor), meta-step 1000: validation never rose "
                     "above meta-step 0, so the kept optimizer is sign-SGD itself", ("screen", "recipes/spread_1_s0_last"),
                     None, os.path.join(HERE, "recipes", "spread_1_s0", "metrics.csv")),
-    "spread_2_s0": (f"`{SCREEN} --step-spread 2` (each step within 2x its tensor's mean), kept",
-                    ("screen", "recipes/spread_2_s0"), os.path.join(HERE, "recipes", "spread_2_s0",
-                                                                    "optimizer_best.msgpack"),
-                    os.path.join(HERE, "recipes", "spread_2_s0", "metrics.csv")),
-    **{f"spread_2_s{seed}": (f"the same recipe, meta-seed {seed} (`--seed {seed}`), kept",
-                             ("screen", f"recipes/spread_2_s{seed}"),
-                             os.path.join(HERE, "recipes", f"spread_2_s{seed}", "optimizer_best.msgpack"),
-                             os.path.join(HERE, "recipes", f"spread_2_s{seed}", "metrics.csv")) for seed in (1, 2)},
-    "sched_8_s0": (f"`{SCREEN} --step-schedule 8` (a learned step factor over training progress), kept",
-                   ("screen", "recipes/sched_8_s0"), os.path.join(HERE, "recipes", "sched_8_s0", "optimizer_best.msgpack"),
-                   os.path.join(HERE, "recipes", "sched_8_s0", "metrics.csv")),
-    **{f"sched_8_spread_2_s{seed}": (f"`{SCREEN.replace('--seed 0', f'--seed {seed}')} --step-spread 2 --step-schedule 8`"
-                                     " (both), kept", ("screen", f"recipes/sched_8_spread_2_s{seed}"),
-                                     os.path.join(HERE, "recipes", f"sched_8_spread_2_s{seed}", "optimizer_best.msgpack"),
-                                     os.path.join(HERE, "recipes", f"sched_8_spread_2_s{seed}", "metrics.csv"))
-       for seed in (0, 1, 2)},
-    **{f"sched_8_spread_2_s0_{name}": (how, ("screen", f"recipes/sched_8_spread_2_s0_{name}"),
-                                       os.path.join(HERE, "recipes", f"sched_8_spread_2_s0_{name}", "optimizer.msgpack"),
-                                       None)
-       for name, how in (("no_schedule", "its meta-seed-0 checkpoint with the schedule removed (every factor 1)"),
-                         ("spread_1", "the same checkpoint run with `--step-spread 1` (its shape removed, its schedule "
-                                      "and per-tensor sizes kept)"))},
-    "spread_2_s0_spread_1": ("the same checkpoint run with `--step-spread 1` (its shape removed, its per-tensor sizes kept)",
-                             ("screen", "recipes/spread_2_s0_spread_1"),
-                             os.path.join(HERE, "recipes", "spread_2_s0_spread_1", "optimizer.msgpack"), None),
+    "spread_2_s0": kept("spread_2_s0", f"`{SCREEN} --step-spread 2` (each step within 2x its tensor's mean), kept"),
+    **{f"spread_2_s{seed}": kept(f"spread_2_s{seed}", f"the same recipe, meta-seed {seed} (`--seed {seed}`), kept")
+       for seed in (1, 2)},
+    "sched_8_s0": kept("sched_8_s0", f"`{SCREEN} --step-schedule 8` (a learned step factor over training progress), kept"),
+    "sched_8_spread_2_s0": kept("sched_8_spread_2_s0", f"`{SCREEN} --step-spread 2 --step-schedule 8` (both), kept"),
+    **{f"sched_8_spread_2_s{seed}": kept(f"sched_8_spread_2_s{seed}",
+                                         f"the same recipe, meta-seed {seed} (`--seed {seed}`), kept") for seed in (1, 2)},
+    "sched_8_spread_2_s0_no_schedule": run_with("sched_8_spread_2_s0_no_schedule", "its meta-seed-0 checkpoint with "
+                                                "the schedule removed (every factor 1)"),
+    "sched_8_spread_2_s0_spread_1": run_with("sched_8_spread_2_s0_spread_1", "the same checkpoint run with "
+                                             "`--step-spread 1` (its shape removed, its schedule and per-tensor sizes kept)"),
+    "spread_2_s0_spread_1": run_with("spread_2_s0_spread_1", "spread_2_s0 run with `--step-spread 1` (its shape "
+                                     "removed, its per-tensor sizes kept)"),
     "shipped_spread_1": ("the shipped optimizer run with `--step-spread 1` (not meta-trained so)",
                          ("variant", "tensor_mean"),
                          os.path.join(HERE, "recipes", "shipped_spread_1", "optimizer.msgpack"), None),
@@ -905,7 +905,7 @@ def schedule_text(checkpoint: str | None) -> str:
     if checkpoint is None or not os.path.exists(checkpoint):
         return ""
     knots = tl.read_optimizer_checkpoint(checkpoint)["params"]["params"].get(tl.STEP_SCHEDULE)
-    if knots is None:
+    if knots is None or not np.any(knots):  # none, or all factors 1 (the row says so)
         return ""
     return "; step factor over the lifetime: " + " ".join(f"{10 ** k:.2f}" for k in np.asarray(knots))
 
