@@ -143,6 +143,11 @@ class Args:
     log10 of a factor on the lr, linear between this many knots spread over the lifetime, zero (sign-SGD) at
     meta-step 0; the optax transform then needs the run's number of updates, like a schedule. 0: no schedule (under
     --normalize-step the lr alone then sets the step's size, so the optimizer cannot anneal)"""
+    grad_scale_range: float = 0.0
+    """meta-training only: agent i's gradients are multiplied by 10^s_i before the clip and the optimizer, the s_i
+    spread evenly over [-R, R] decades across each task's population, so the optimizer meets other tasks' gradient
+    scales and clip fractions (Brax's PPO gradients sit about a decade above the grids'); 0: off. Validation and
+    evaluation run unscaled"""
     lopt_lr: float = 1e-2
     """learning rate multiplying the learned optimizer's output (at meta-step 0 the optimizer is sign-SGD at this
     lr; 1e-2 is sign-SGD's tuned lr on both small grids at 1e5 env steps)"""
@@ -632,13 +637,17 @@ def returns_summary(traj: Transition) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(jnp.where(traj.done, traj.episode_return, 0.0)), jnp.sum(traj.done)
 
 
-def a2c_step(task: Task, tx: optax.GradientTransformation, agent: Agent, stop_meta_gradient: bool = False):
+def a2c_step(task: Task, tx: optax.GradientTransformation, agent: Agent, stop_meta_gradient: bool = False,
+             grad_scale=None):
     """Collect a rollout, take one optimizer step. With stop_meta_gradient the rollout and the agent
-    gradient are constants to the meta-gradient: only the optimizer's update carries it."""
+    gradient are constants to the meta-gradient: only the optimizer's update carries it. grad_scale (meta-training's
+    --grad-scale-range) multiplies the gradient before the optimizer and its clip see it."""
     key, key_rollout = jax.random.split(agent.key)
     acting_params = jax.lax.stop_gradient(agent.params) if stop_meta_gradient else agent.params
     traj, env_state, obs = task.rollout(acting_params, agent.env_state, agent.obs, key_rollout)
     grads = jax.grad(task.loss)(acting_params, traj, obs)
+    if grad_scale is not None:
+        grads = jax.tree.map(lambda g: g * grad_scale, grads)
     # OPEN's dormancy input, as a function: an optimizer that does not call it traces nothing more.
     activity = partial(task.net.neuron_activity, acting_params, traj.obs.reshape(-1, *obs.shape[1:]))
     updates, opt_state = optax.with_extra_args_support(tx).update(grads, agent.opt_state, agent.params,
@@ -659,6 +668,15 @@ def reset_offsets(num_agents: int, reset_interval: int, pipeline: bool) -> np.nd
     return np.round(np.linspace(0, reset_interval - 1, num_agents)).astype(np.int32)
 
 
+def population_grad_scales(num_agents: int, decades: float, pairs: int = 1) -> jax.Array | None:
+    """--grad-scale-range: agent i's gradient factor 10^s_i, the s_i spread evenly over [-decades, decades] (an
+    antithetic pair shares one); a fixed property of the population, like the reset offsets. None when off."""
+    if decades == 0:
+        return None
+    exponents = np.linspace(-decades, decades, num_agents // pairs) if num_agents > pairs else np.zeros(1)
+    return jnp.asarray(np.repeat(10.0 ** exponents, pairs), jnp.float32)
+
+
 def reset_mask(meta_step, offsets, reset_interval: int):
     return (meta_step % reset_interval) == offsets
 
@@ -676,7 +694,7 @@ META_DIAGNOSTICS = ("policy", "value", "entropy", "step")  # per agent, logged p
 
 
 def agent_meta_loss(lopt_params, task: Task, agent: Agent, reset_key, reset_now, make_tx, inner_updates: int,
-                    meta_value_coef: float = 0.5, meta_loss_scale: str = "raw"):
+                    meta_value_coef: float = 0.5, meta_loss_scale: str = "raw", grad_scale=None):
     """(meta-loss, (agent, return sum, episode count, diagnostics)) of one agent, differentiable in lopt_params.
 
     The agent is first replaced by a fresh one if its reset is due (reset_now) or its parameters are no longer
@@ -687,7 +705,8 @@ def agent_meta_loss(lopt_params, task: Task, agent: Agent, reset_key, reset_now,
     rollout's RMS TD error (a constant) and the value term by its square. The returned agent, after that rollout,
     carries no meta-gradient: it continues at the next meta-step. The diagnostics (no gradient) are the meta-loss's
     three terms and the mean absolute change per inner update of the parameters that moved, which is exactly lr for
-    sign-SGD (Optim4RL at meta-step 0; parameters with a zero gradient do not move under either).
+    sign-SGD (Optim4RL at meta-step 0; parameters with a zero gradient do not move under either). grad_scale
+    multiplies the agent's gradients in its inner updates (not the meta-loss): see a2c_step.
     """
     tx = make_tx(lopt_params)
     # Reset on schedule, or if the agent diverged (non-finite parameters).
@@ -696,7 +715,7 @@ def agent_meta_loss(lopt_params, task: Task, agent: Agent, reset_key, reset_now,
     agent = jax.tree.map(lambda a, b: jnp.where(reset_now, a, b), fresh, agent)
 
     def inner(agent, _):
-        updated, returns = a2c_step(task, tx, agent, stop_meta_gradient=True)
+        updated, returns = a2c_step(task, tx, agent, stop_meta_gradient=True, grad_scale=grad_scale)
         # Leaf by leaf: no flattened copy of the parameters on the meta-gradient's hot path.
         deltas = [jnp.abs(a - b) for a, b in zip(jax.tree.leaves(updated.params), jax.tree.leaves(agent.params))]
         moved = jnp.stack([sum(jnp.sum(d) for d in deltas), sum(jnp.sum(d > 0) for d in deltas)])
@@ -798,6 +817,8 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
     def agent_keys(key):
         return jnp.repeat(jax.random.split(key, args.num_agents // pairs), pairs, axis=0)
 
+    grad_scales = population_grad_scales(args.num_agents, args.grad_scale_range, pairs)
+
     meta_tx = optax.apply_if_finite(
         optax.chain(optax.clip_by_global_norm(args.meta_grad_clip), optax.adam(args.meta_lr)),
         max_consecutive_errors=2**30,  # we stop the run ourselves after --max-bad-steps
@@ -820,11 +841,12 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
         return MetaState(jnp.zeros((), jnp.int32), lopt_params, meta_tx.init(lopt_params), populations, key,
                          accumulators)
 
-    def agents_meta_loss(lopt_params, task, agents, keys, reset_now):
+    def agents_meta_loss(lopt_params, task, agents, keys, reset_now, scales):
         """Summed meta-loss of some agents of a task (vmapped), divided by the population size."""
         one_agent = partial(agent_meta_loss, make_tx=inner_tx, inner_updates=args.inner_updates,
                             meta_value_coef=args.meta_value_coef, meta_loss_scale=args.meta_loss_scale)
-        losses, aux = jax.vmap(one_agent, in_axes=(None, None, 0, 0, 0))(lopt_params, task, agents, keys, reset_now)
+        losses, aux = jax.vmap(one_agent, in_axes=(None, None, 0, 0, 0))(lopt_params, task, agents, keys, reset_now,
+                                                                         grad_scale=scales)
         return jnp.sum(losses) / args.num_agents, aux
 
     num_chunks = args.num_agents // chunk
@@ -838,13 +860,13 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
         """
         value_and_grad = jax.value_and_grad(agents_meta_loss, has_aux=True)
         keys, reset_now = jax.random.split(key, args.num_agents), reset_mask(meta_step, offsets, args.reset_interval)
-        population, keys, reset_now = jax.tree.map(lambda x: x.reshape(chunk, num_chunks, *x.shape[1:]),
-                                                   (population, keys, reset_now))
+        population, keys, reset_now, scales = jax.tree.map(lambda x: x.reshape(chunk, num_chunks, *x.shape[1:]),
+                                                           (population, keys, reset_now, grad_scales))
 
         def chunk_step(carry, k):
             grad_sum, population = carry
             agents = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, 1, False),
-                                  (population, keys, reset_now))
+                                  (population, keys, reset_now, scales))
             (loss, (agents, return_sum, return_count, diagnostics)), grad = value_and_grad(lopt_params, task, *agents)
             population = jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, k, 1), population, agents)
             return (jax.tree.map(jnp.add, grad_sum, grad), population), (loss, return_sum, return_count, diagnostics)
@@ -866,7 +888,8 @@ def make_meta_train(args: Args, task_names: tuple[str, ...]) -> MetaTrain:
                             meta_value_coef=args.meta_value_coef, meta_loss_scale=args.meta_loss_scale)
 
         def unroll(perturbed):
-            return jax.vmap(lambda p, *a: one_agent(unravel(p), task, *a))(perturbed, population, keys, reset_now)
+            return jax.vmap(lambda p, *a, **kw: one_agent(unravel(p), task, *a, **kw))(
+                perturbed, population, keys, reset_now, grad_scale=grad_scales)
 
         flat_grad, accumulators, losses, (population, return_sum, return_count, diagnostics) = pes_step(
             jax.lax.stop_gradient(flat_params), accumulators, reset_now, key_perturb, args.pes_sigma, unroll)
@@ -1979,6 +2002,8 @@ def check_settings(args: Args) -> None:
                unit_interval=("gamma", "gae_lambda"))
     if not args.step_spread >= 1:  # also rejects nan
         raise UserError(f"--step-spread {args.step_spread}: must be >= 1 (1: one step size per tensor; inf: unbounded)")
+    if not 0 <= args.grad_scale_range < math.inf:
+        raise UserError(f"--grad-scale-range {args.grad_scale_range}: must be a finite number of decades >= 0 (0: off)")
     if args.step_schedule == 1 or args.step_schedule < 0:
         raise UserError(f"--step-schedule {args.step_schedule}: must be 0 (no schedule) or >= 2 knots")
     agents_per_chunk(args)

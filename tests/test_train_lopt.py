@@ -617,6 +617,25 @@ def test_meta_loss_terms_and_step_diagnostic(meta_value_coef, meta_loss_scale):
     assert value > 0 and entropy > 0 and step == pytest.approx(args.lopt_lr, rel=1e-3)
 
 
+def test_grad_scale_range_multiplies_each_agents_gradient_before_the_optimizer():
+    """--grad-scale-range R: the population's factors are 10^s, s evenly over [-R, R] (an antithetic pair shares
+    one); an agent's inner updates see its gradient times its factor (plain SGD, no clip: the step scales with it),
+    while the meta-loss itself is the agent's unscaled A2C loss."""
+    assert tl.population_grad_scales(8, 0.0) is None
+    np.testing.assert_allclose(tl.population_grad_scales(2, 1.0), [0.1, 10.0], rtol=1e-6)
+    np.testing.assert_allclose(tl.population_grad_scales(6, 2.0, pairs=2), [1e-2, 1e-2, 1.0, 1.0, 1e2, 1e2], rtol=1e-6)
+    np.testing.assert_allclose(tl.population_grad_scales(1, 1.0), [1.0])
+    args = tiny_args()
+    task = tl.Task.make("catch", args)
+    make_tx = lambda p: optax.sgd(1e-3)  # noqa: E731
+    agent = tl.init_agent(task, make_tx(None), jax.random.PRNGKey(1))
+    meta_loss = jax.jit(lambda scale: tl.agent_meta_loss(None, task, agent, jax.random.PRNGKey(2), jnp.array(False),
+                                                         make_tx, inner_updates=1, grad_scale=scale))
+    (loss_1, (_, _, _, diag_1)), (loss_10, (_, _, _, diag_10)) = meta_loss(1.0), meta_loss(10.0)
+    assert float(diag_10[3]) == pytest.approx(10 * float(diag_1[3]), rel=1e-4)  # mean |change| per moving coordinate
+    assert float(diag_1[3]) > 0 and float(loss_10) != float(loss_1)
+
+
 def test_meta_steps_update_lopt(meta):
     """3 meta-steps: counter 3, finite meta-gradients, lopt params changed and finite, agents finite."""
     state = meta.state
@@ -1245,6 +1264,8 @@ def test_cli_help(cli):
     (["--time-limit", "0"], "--time-limit 0"),
     (["--step-schedule", "1"], "--step-schedule 1: must be 0 (no schedule) or >= 2 knots"),
     (["--step-schedule", "-2"], "--step-schedule -2"),
+    (["--grad-scale-range", "-1"], "--grad-scale-range -1.0: must be a finite number of decades >= 0"),
+    (["--grad-scale-range", "inf"], "--grad-scale-range inf"),
     (["--seed", "-1"], "--seed -1: must be an integer in [0, 4294967295]"),
     (["--out-dir", "README.md/runs"], "--out-dir README.md/runs: cannot write there"),
 ])
