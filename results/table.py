@@ -812,6 +812,10 @@ RECIPES = {
                                                 "the schedule removed (every factor 1)"),
     "sched_8_spread_2_s0_spread_1": run_with("sched_8_spread_2_s0_spread_1", "the same checkpoint run with "
                                              "`--step-spread 1` (its shape removed, its schedule and per-tensor sizes kept)"),
+    "sched_8_spread_1.5_s0": kept("sched_8_spread_1.5_s0", f"`{SCREEN} --step-spread 1.5 --step-schedule 8` (a "
+                                  "tighter bound), kept"),
+    "sched_8_gscale_1_s0": kept("sched_8_gscale_1_s0", f"`{SCREEN} --grad-scale-range 1 --step-schedule 8` (each "
+                                "population's gradients spread over 0.1x to 10x; shape unbounded), kept"),
     "spread_2_s0_spread_1": run_with("spread_2_s0_spread_1", "spread_2_s0 run with `--step-spread 1` (its shape "
                                      "removed, its per-tensor sizes kept)"),
     "shipped_spread_1": ("the shipped optimizer run with `--step-spread 1` (not meta-trained so)",
