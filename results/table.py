@@ -816,6 +816,9 @@ RECIPES = {
                                   "tighter bound), kept"),
     "sched_8_gscale_1_s0": kept("sched_8_gscale_1_s0", f"`{SCREEN} --grad-scale-range 1 --step-schedule 8` (each "
                                 "population's gradients spread over 0.1x to 10x; shape unbounded), kept"),
+    **{f"sched_8_gscale_1_spread_{spread}_s0": kept(f"sched_8_gscale_1_spread_{spread}_s0", f"`{SCREEN} "
+                                                    f"--grad-scale-range 1 --step-spread {spread} --step-schedule 8` "
+                                                    "(all three), kept") for spread in ("2", "1.5")},
     "spread_2_s0_spread_1": run_with("spread_2_s0_spread_1", "spread_2_s0 run with `--step-spread 1` (its shape "
                                      "removed, its per-tensor sizes kept)"),
     "shipped_spread_1": ("the shipped optimizer run with `--step-spread 1` (not meta-trained so)",
