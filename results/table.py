@@ -832,7 +832,7 @@ RECIPE_RUNS = ("small_dense_long_1e5", "small_dense_short_1e5", "small_dense_lon
 
 
 TESTED_RECIPES = ("shipped", "shipped_spread_1", "spread_2_s0", "spread_2_s1", "spread_2_s2", "sched_8_spread_2_s0",
-                  "sched_8_spread_2_s0_spread_1")
+                  "sched_8_spread_2_s0_spread_1", "sched_8_gscale_1_s0")
 
 
 def recipes_test_table() -> str:
