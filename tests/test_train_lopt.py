@@ -619,8 +619,7 @@ def test_meta_loss_terms_and_step_diagnostic(meta_value_coef, meta_loss_scale):
 
 def test_grad_scale_range_multiplies_each_agents_gradient_before_the_optimizer():
     """--grad-scale-range R: the population's factors are 10^s, s evenly over [-R, R] (an antithetic pair shares
-    one); an agent's inner updates see its gradient times its factor (plain SGD, no clip: the step scales with it),
-    while the meta-loss itself is the agent's unscaled A2C loss."""
+    one); an agent's inner updates see its gradient times its factor (plain SGD, no clip: the step scales with it)."""
     assert tl.population_grad_scales(8, 0.0) is None
     np.testing.assert_allclose(tl.population_grad_scales(2, 1.0), [0.1, 10.0], rtol=1e-6)
     np.testing.assert_allclose(tl.population_grad_scales(6, 2.0, pairs=2), [1e-2, 1e-2, 1.0, 1.0, 1e2, 1e2], rtol=1e-6)
