@@ -1404,6 +1404,7 @@ def changed_settings(saved: dict, args: Args) -> list[str]:
 
 
 TRAIN_STATE = "train_state.npy"  # the whole MetaState, for --resume: a JSON header, then its leaves
+VALIDATED = "validated"  # every validated optimizer, as optimizer_<meta-step>.msgpack: candidates for a wider selection
 
 
 def optimizer_checkpoint(args: Args, lopt_params, init_params, meta_step: int, **extra) -> dict:
@@ -1787,6 +1788,11 @@ def check_run_folder(args: Args, folder: str) -> None:
         raise UserError(f"{folder} already holds a run; pass --resume to continue it or choose another --run-name")
 
 
+def validated_path(folder: str, meta_step: int) -> str:
+    """Where meta-training keeps the optimizer it validated at this meta-step (with its score)."""
+    return os.path.join(folder, VALIDATED, f"optimizer_{meta_step:05d}.msgpack")
+
+
 def meta_train(args: Args, task_names, folder: str, deadline: Deadline | None = None,
                evaluators: Evaluators | None = None) -> MetaTrainResult:
     """Meta-train, validating and checkpointing as asked; stops early only at the deadline (--time-limit, keeping
@@ -1799,7 +1805,7 @@ def meta_train(args: Args, task_names, folder: str, deadline: Deadline | None = 
     state = init(jax.random.PRNGKey(args.seed))
     init_params = host_copy(state.lopt_params)  # meta_step donates the state's buffers
     metrics_path, best_path = os.path.join(folder, "metrics.csv"), os.path.join(folder, "optimizer_best.msgpack")
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.join(folder, VALIDATED), exist_ok=True)
     # With several processes a signal may reach them at different meta-steps, and one stopping alone would leave
     # the others waiting in a collective: there the signals keep their usual effect.
     with Checkpointer(folder, args) as checkpointer, StopSignals(enabled=jax.process_count() == 1) as stop:
@@ -1834,10 +1840,14 @@ def meta_train(args: Args, task_names, folder: str, deadline: Deadline | None = 
             start = time.time()
             score = validator(lopt_params, deadline)
             val_s = time.time() - start
+            params = host_copy(lopt_params)
+            if jax.process_index() == 0:  # every validated optimizer is a candidate for a later, wider selection
+                save_msgpack(validated_path(folder, done),
+                             optimizer_checkpoint(args, params, init_params, done, val_score=score))
             if math.isfinite(score) and (best is None or score > best[0]):  # diverged agents score NaN: never the best
-                best = (score, done, host_copy(lopt_params))
+                best = (score, done, params)
                 if jax.process_index() == 0:
-                    save_msgpack(best_path, optimizer_checkpoint(args, best[2], init_params, done, val_score=score))
+                    save_msgpack(best_path, optimizer_checkpoint(args, params, init_params, done, val_score=score))
             return score
 
         steps_per_meta_step = env_steps_per_meta_step(args) * len(task_names)

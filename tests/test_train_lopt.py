@@ -1390,6 +1390,13 @@ def test_validation_keeps_the_best_and_survives_resume(trained, tmp_path, monkey
     rows = read_rows(os.path.join(folder, "metrics.csv"))
     assert [(int(r["meta_step"]), r["val_score"]) for r in rows] == [(0, "0.2"), (1, ""), (2, "0.9"), (3, ""),
                                                                     (4, "0.5")]
+    # Every validated optimizer stays a candidate, with its score and meta-step, the best one among them.
+    candidates = {step: read_optimizer_checkpoint(tl.validated_path(folder, step)) for step in (0, 2, 4)}
+    assert sorted(os.listdir(os.path.join(folder, tl.VALIDATED))) == [
+        os.path.basename(tl.validated_path(folder, step)) for step in (0, 2, 4)]
+    assert [(c["meta_step"], c["val_score"]) for c in candidates.values()] == [(0, 0.2), (2, 0.9), (4, 0.5)]
+    leaves_equal(candidates[2]["params"], best["params"])
+    leaves_equal(candidates[4]["params"], resumed.lopt_params)
     tx = load_optimizer(best_path)
     g = {"w": jnp.array([1.0, -1e-3])}
     updates, _ = tx.update(g, tx.init(g))
