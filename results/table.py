@@ -808,6 +808,13 @@ RECIPES = {
     "sched_8_spread_2_s0": kept("sched_8_spread_2_s0", f"`{SCREEN} --step-spread 2 --step-schedule 8` (both), kept"),
     **{f"sched_8_spread_2_s{seed}": kept(f"sched_8_spread_2_s{seed}",
                                          f"the same recipe, meta-seed {seed} (`--seed {seed}`), kept") for seed in (1, 2)},
+    # The same run redone with every validated optimizer kept (validated/, bit-identical validation scores): the
+    # next-best candidates by the grids at 1e5, for a selection that looks at pendulum and at 1e6 as well
+    **{f"sched_8_spread_2_s0_at_{step:05d}": run_with(f"sched_8_spread_2_s0_at_{step:05d}", f"its meta-seed-0 run's "
+                                                       f"optimizer validated at meta-step {step} ({rank} on the grids "
+                                                       "at 1e5)")
+       for step, rank in ((850, "2nd best"), (900, "3rd best"), (925, "4th best"),
+                          (350, "7th best, the first half's best"), (600, "31st of 41"))},
     "sched_8_spread_2_s0_no_schedule": run_with("sched_8_spread_2_s0_no_schedule", "its meta-seed-0 checkpoint with "
                                                 "the schedule removed (every factor 1)"),
     "sched_8_spread_2_s0_spread_1": run_with("sched_8_spread_2_s0_spread_1", "the same checkpoint run with "
@@ -949,7 +956,7 @@ def recipes_table() -> str:
              "| OPEN, lr tuned | | | | | | " + validation_cell(tl.PRETRAINED_OPTIMIZER, "open") + " |"]
     for how, source, checkpoint, curve in RECIPES.values():
         cells = recipe_screens(source)
-        if all(cell is None for cell in cells):
+        if all(cell is None for cell in cells) and validation_cell(checkpoint) == "not run":
             continue
         lines.append(f"| {how}{schedule_text(checkpoint)} | {curve_cell(curve)} | " + " | ".join(map(returns_cell, cells))
                      + f" | {validation_cell(checkpoint)} |")
