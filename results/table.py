@@ -844,7 +844,7 @@ TESTED_RECIPES = ("shipped", "shipped_spread_1", "spread_2_s0", "spread_2_s1", "
 
 def recipes_test_table() -> str:
     """Brax (the test) per recipe: each checkpoint's normalised score (lr tuned) on every task its protocol ran, the
-    baselines' from the shipped protocol, and the IQM over the tasks that every baseline has."""
+    baselines' from the shipped protocol, and the IQM over each set of tasks that some row ran in full."""
     folder = os.path.join(HERE, "brax")
     rows = {}  # row label -> {task: (normalised per seed, picked lr)}
     shipped = load_protocol(folder)
@@ -857,7 +857,11 @@ def recipes_test_table() -> str:
         rows[BRAX_ROWS[label]] = {task: (brax_normalized(p)[label], p["picked_lr"][label])
                                   for task, p in shipped.items() if label in p["picked_lr"]}
     baselines = [rows[BRAX_ROWS[label]] for label in ("sign_sgd", "open", "adam")]
-    common = [t for t in BRAX_TASKS if all(t in scores for scores in baselines)]
+    # One pooled column per set of tasks some row ran in full (largest first), so that a recipe tested on fewer
+    # tasks is still compared with the baselines on the same tasks.
+    pools = sorted({tuple(t for t in BRAX_TASKS if t in scores) for scores in rows.values() if len(scores) > 1},
+                   key=lambda tasks: (-len(tasks), tasks))
+    pools = [tasks for tasks in pools if all(t in scores for t in tasks for scores in baselines)]
 
     def cell(found) -> str:
         if found is None:
@@ -865,16 +869,24 @@ def recipes_test_table() -> str:
         iqm, low, high = iqm_interval([found[0]])
         return f"{iqm:.2f} [{low:.2f}, {high:.2f}] @ {tl.format_lr(found[1])}"
 
-    lines = ["| optimizer | " + " | ".join(BRAX_TASKS) + f" | {' + '.join(common)} (IQM) |",
-             "|---|" + "---:|" * (len(BRAX_TASKS) + 1)]
+    def pooled(scores, tasks) -> str:
+        if not all(t in scores for t in tasks):
+            return ""
+        iqm, low, high = iqm_interval([scores[t][0] for t in tasks])
+        return f"{iqm:.2f} [{low:.2f}, {high:.2f}]"
+
+    def pool_name(tasks) -> str:
+        return f"all {len(tasks)}" if len(tasks) == len(BRAX_TASKS) else " + ".join(tasks)
+
+    lines = ["| optimizer | " + " | ".join(BRAX_TASKS) + "".join(f" | {pool_name(p)} (IQM)" for p in pools) + " |",
+             "|---|" + "---:|" * (len(BRAX_TASKS) + len(pools))]
     for label, scores in rows.items():
-        together = iqm_interval([scores[t][0] for t in common]) if all(t in scores for t in common) else None
-        lines.append(f"| {label} | " + " | ".join(cell(scores.get(t)) for t in BRAX_TASKS) + " | "
-                     + (f"{together[0]:.2f} [{together[1]:.2f}, {together[2]:.2f}]" if together else "") + " |")
+        lines.append(f"| {label} | " + " | ".join([cell(scores.get(t)) for t in BRAX_TASKS]
+                                                  + [pooled(scores, p) for p in pools]) + " |")
     lines.append("")
     lines.append("Normalised final deterministic return, IQM [95% CI] over 8 seeds per task (0 = the untrained policy, "
-                 "1 = tuned clipped Adam), @ the lr picked on 4 other seeds; the last column pools the tasks "
-                 f"every baseline has. `{BRAX_PROTOCOL} --protocol-tasks TASK --lopt-path CHECKPOINT`; the baselines' runs are the "
+                 "1 = tuned clipped Adam), @ the lr picked on 4 other seeds; the last columns pool "
+                 f"the tasks named. `{BRAX_PROTOCOL} --protocol-tasks TASK --lopt-path CHECKPOINT`; the baselines' runs are the "
                  "shipped protocol's, read back. Files: [results/brax/](results/brax/) (`lopt-<sha256[:8]>@...`).")
     return "\n".join(lines)
 
