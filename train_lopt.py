@@ -143,6 +143,11 @@ class Args:
     log10 of a factor on the lr, linear between this many knots spread over the lifetime, zero (sign-SGD) at
     meta-step 0; the optax transform then needs the run's number of updates, like a schedule. 0: no schedule (under
     --normalize-step the lr alone then sets the step's size, so the optimizer cannot anneal)"""
+    input_norm: Literal["none", "tensor"] = "none"
+    """what scale the network reads the gradient on: 'none', the absolute one (log|g| after the clip, as the paper);
+    'tensor', relative to its tensor's mean |g| (over the coordinates with a non-zero gradient), so a task
+    whose gradients sit a decade higher or lower looks the same to the network (OPEN and VeLO normalise their inputs
+    per tensor). Meta-step 0 is sign-SGD either way"""
     grad_scale_range: float = 0.0
     """meta-training only: agent i's gradients are multiplied by 10^s_i before the clip and the optimizer, the s_i
     spread evenly over [-R, R] decades across each task's population, so the optimizer meets other tasks' gradient
@@ -333,6 +338,7 @@ def lopt_config(args: Args) -> dict:
         grad_processing=args.grad_processing,
         normalize_step=args.normalize_step,
         step_spread=args.step_spread,
+        input_norm=args.input_norm,
         step_schedule=args.step_schedule,
         lopt_lr=args.lopt_lr,
         grad_clip=args.grad_clip,
@@ -371,9 +377,12 @@ class LearnedOptState(NamedTuple):
 
 def learned_optimizer(
     net: nn.Module, lopt_params, learning_rate: float, rematerialize: bool = False, normalize_step: bool = False,
-    step_spread: float = math.inf, num_updates: int | None = None,
+    step_spread: float = math.inf, num_updates: int | None = None, input_norm: str = "none",
 ) -> optax.GradientTransformation:
     """A learned optimizer as an optax transformation; all parameter leaves are one flat coordinate batch.
+
+    input_norm 'tensor' feeds the network each gradient divided by its tensor's mean |g| over the coordinates with a
+    non-zero gradient (a scale-free input); 'none' feeds it the gradient itself.
 
     normalize_step divides the network's step by its RMS over the coordinates with a non-zero gradient (the others
     do not move under Optim4RL), so the step's size is the learning rate's alone. step_spread then bounds each
@@ -398,8 +407,13 @@ def learned_optimizer(
     def update(grads, state, params=None):
         del params
         flat, unravel = ravel_pytree(grads)
-        carry, direction = apply(lopt_params, state.carry, flat)
         moving = flat != 0
+        seen = flat
+        if input_norm == "tensor":
+            # The mean |g|, not the RMS: squares of float32 gradients under- or overflow at extreme scales.
+            scale = tensor_mean(jnp.abs(flat), moving, tensor_ids(grads))
+            seen = jax.lax.stop_gradient(jnp.where(moving, flat / jnp.where(moving, scale, 1.0), 0.0))
+        carry, direction = apply(lopt_params, state.carry, seen)
         if normalize_step:
             direction = direction / (jnp.sqrt(jnp.sum(jnp.square(direction)) / jnp.maximum(jnp.sum(moving), 1))
                                      + 1e-12)
@@ -419,19 +433,25 @@ def tensor_ids(tree) -> np.ndarray:
     return np.repeat(np.arange(len(leaves)), [int(np.prod(leaf.shape)) for leaf in leaves])
 
 
+def tensor_mean(values: jax.Array, moving: jax.Array, ids: np.ndarray) -> jax.Array:
+    """For each coordinate, the mean of values over the moving coordinates of its tensor (ids from tensor_ids)."""
+    num_tensors = int(ids.max()) + 1 if ids.size else 0
+    count = jax.ops.segment_sum(moving.astype(values.dtype), ids, num_tensors)
+    return (jax.ops.segment_sum(values * moving, ids, num_tensors) / jnp.maximum(count, 1))[ids]
+
+
 def bound_spread(direction: jax.Array, moving: jax.Array, ids: np.ndarray, spread: float) -> jax.Array:
     """Each coordinate's |direction| clipped to [1/spread, spread] times its tensor's mean over the moving ones."""
-    num_tensors = int(ids.max()) + 1 if ids.size else 0
     magnitude = jnp.abs(direction) * moving
-    count = jax.ops.segment_sum(moving.astype(direction.dtype), ids, num_tensors)
-    mean = (jax.ops.segment_sum(magnitude, ids, num_tensors) / jnp.maximum(count, 1))[ids]
+    mean = tensor_mean(magnitude, moving, ids)
     return jnp.sign(direction) * jnp.clip(magnitude, mean / spread, mean * spread)
 
 
 def step_options(config: dict) -> dict:
-    """The step's post-processing a checkpoint was meta-trained with (older checkpoints predate step_spread; the
-    step schedule is in its parameters)."""
-    return dict(normalize_step=config.get("normalize_step", False), step_spread=config.get("step_spread", math.inf))
+    """The input scale and the step's post-processing a checkpoint was meta-trained with (older checkpoints predate
+    step_spread and input_norm; the step schedule is in its parameters)."""
+    return dict(normalize_step=config.get("normalize_step", False), step_spread=config.get("step_spread", math.inf),
+                input_norm=config.get("input_norm", "none"))
 
 
 def with_grad_clip(tx: optax.GradientTransformation, grad_clip: float | None) -> optax.GradientTransformation:
@@ -443,10 +463,11 @@ def clipped_learned_optimizer(net: nn.Module, lopt_params, learning_rate, grad_c
                               rematerialize: bool = False,
                               normalize_step: bool = False,
                               step_spread: float = math.inf,
-                              num_updates: int | None = None) -> optax.GradientTransformation:
+                              num_updates: int | None = None,
+                              input_norm: str = "none") -> optax.GradientTransformation:
     """The learned optimizer as agents use it everywhere: element-wise clip, then the network's step."""
     return with_grad_clip(learned_optimizer(net, lopt_params, learning_rate, rematerialize, normalize_step,
-                                            step_spread, num_updates), grad_clip)
+                                            step_spread, num_updates, input_norm), grad_clip)
 
 
 def load_optimizer(path: str, learning_rate: float | None = None, grad_clip: float | None = -1.0,

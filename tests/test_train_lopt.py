@@ -422,6 +422,48 @@ def test_checkpoint_keeps_step_spread_and_older_ones_load_unbounded(tmp_path):
     assert np.abs(steps["old"]).max() / np.abs(steps["old"]).min() > 1.2  # unbounded: its own shape
 
 
+def test_input_norm_tensor_reads_each_gradient_relative_to_its_tensors_mean(tmp_path):
+    """input_norm 'tensor': the step is unchanged when each tensor's gradients are multiplied by its own factor
+    (1e3 and 1e-4; 1e-30 and 1e30, where squares would leave float32), over several updates, and zero gradients
+    still do not move;
+    with 'none' the same rescaling changes the step (the check has teeth). A checkpoint stores the choice, and one
+    from before the flag loads as 'none'."""
+    net = Optim4RL(hidden_size=8)
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda x: x + 3.0 * rng.normal(size=x.shape), init_lopt_params(net, jax.random.PRNGKey(0)))
+    grads = [{"a": jnp.asarray(np.r_[0.0, rng.normal(size=7)]), "b": jnp.asarray(rng.normal(size=3) * 1e-3)}
+             for _ in range(3)]
+    rescale = lambda g, a, b: {"a": g["a"] * a, "b": g["b"] * b}  # noqa: E731
+
+    def run(input_norm, a=1.0, b=1.0):
+        tx = learned_optimizer(net, params, 0.1, normalize_step=True, input_norm=input_norm)
+        state, out = tx.init(grads[0]), []
+        for g in grads:
+            update, state = tx.update(rescale(g, a, b), state)
+            out.append(np.concatenate([update["a"], update["b"]]))
+        return np.array(out)
+
+    for a, b in ((1e3, 1e-4), (1e-30, 1e30)):
+        np.testing.assert_allclose(run("tensor", a, b), run("tensor"), rtol=2e-4, atol=1e-7)
+    assert np.all(run("tensor")[:, 0] == 0.0)
+    assert not np.allclose(run("none", 1e3, 1e-4), run("none"), rtol=1e-2)
+    args = tiny_args(input_norm="tensor")
+    assert lopt_config(args)["input_norm"] == "tensor"
+    g = {"w": jnp.array([3.0, -0.2, 1e-4, 2e-7])}
+    steps = {}
+    for name, drop in (("new", False), ("old", True)):
+        ckpt = tl.optimizer_checkpoint(args, params, params, 0)
+        if drop:
+            del ckpt["config"]["input_norm"]
+        path = str(tmp_path / f"{name}.msgpack")
+        tl.save_msgpack(path, ckpt)
+        tx = load_optimizer(path, learning_rate=0.01, grad_clip=None)
+        steps[name] = np.asarray(tx.update(g, tx.init(g))[0]["w"])
+    for name, input_norm in (("new", "tensor"), ("old", "none")):
+        tx = learned_optimizer(net, params, 0.01, normalize_step=True, input_norm=input_norm)
+        np.testing.assert_allclose(steps[name], np.asarray(tx.update(g, tx.init(g))[0]["w"]), rtol=1e-6)
+
+
 @pytest.mark.parametrize("bias_m, bias_v", [(1e4, -1e4), (1e4, 1e4), (-1e4, -1e4), (-1e4, 1e4)])
 def test_optim4rl_overflow_guard(bias_m, bias_v):
     """Huge output-layer biases (exponents of m and v) are clipped: updates stay finite for g in {0, 1e30}."""
