@@ -826,6 +826,11 @@ RECIPES = {
     **{f"sched_8_gscale_1_spread_{spread}_s0": kept(f"sched_8_gscale_1_spread_{spread}_s0", f"`{SCREEN} "
                                                     f"--grad-scale-range 1 --step-spread {spread} --step-schedule 8` "
                                                     "(all three), kept") for spread in ("2", "1.5")},
+    "tensor_norm_sched_8_s0": kept("tensor_norm_sched_8_s0", f"`{SCREEN} --input-norm tensor --step-schedule 8` "
+                                   r"(each gradient read relative to its tensor's mean \|g\|; shape unbounded), kept"),
+    "tensor_norm_sched_8_spread_2_s0": kept("tensor_norm_sched_8_spread_2_s0", f"`{SCREEN} --input-norm tensor "
+                                            "--step-spread 2 --step-schedule 8` (scale-free inputs, the bound and "
+                                            "the schedule), kept"),
     "spread_2_s0_spread_1": run_with("spread_2_s0_spread_1", "spread_2_s0 run with `--step-spread 1` (its shape "
                                      "removed, its per-tensor sizes kept)"),
     "shipped_spread_1": ("the shipped optimizer run with `--step-spread 1` (not meta-trained so)",
