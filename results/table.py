@@ -721,9 +721,9 @@ def mechanism_table() -> str:
     reports = load_probe("stats")
     if not reports:
         return "_(no result files yet)_"
-    lines = ["| task | updates | window | mean log10\|g\| [5%, 95%] | at the clip | step / sign-SGD's, log10 "
-             "[5%, 50%, 95%] | top 1% of coordinates' share of the step | corr(log\|g\|, log\|step\|) | "
-             "network: share of the step / of the moving coordinates | sign-SGD: mean log10\|g\|, top-1% share |",
+    lines = [r"| task | updates | window | mean log10\|g\| [5%, 95%] | at the clip | step / sign-SGD's, log10 "
+             r"[5%, 50%, 95%] | top 1% of coordinates' share of the step | corr(log\|g\|, log\|step\|) | "
+             r"network: share of the step / of the moving coordinates | sign-SGD: mean log10\|g\|, top-1% share |",
              "|---|---:|---|---:|---:|---:|---:|---:|---|---:|"]
     for label, report in reports.items():
         lopt, sign = report["optimizers"]["lopt"], report["optimizers"]["sign_sgd"]
