@@ -75,6 +75,7 @@ EnvGroup = Literal[tuple(ENV_GROUPS)]  # "gridworld", any single gridworld name,
 # Marks an Args field that a resumed run may change (how long to run, where to write, how to evaluate, how fast).
 # Every other field must match the saved run's (see resume_settings): the safe default for a new flag.
 MayChange = "may change on --resume"
+INPUT_NORMS = ("none", "tensor")  # --input-norm: the scale the learned optimizer reads gradients on
 
 
 @dataclass
@@ -143,7 +144,7 @@ class Args:
     log10 of a factor on the lr, linear between this many knots spread over the lifetime, zero (sign-SGD) at
     meta-step 0; the optax transform then needs the run's number of updates, like a schedule. 0: no schedule (under
     --normalize-step the lr alone then sets the step's size, so the optimizer cannot anneal)"""
-    input_norm: Literal["none", "tensor"] = "none"
+    input_norm: Literal[INPUT_NORMS] = "none"
     """what scale the network reads the gradient on: 'none', the absolute one (log|g| after the clip, as the paper);
     'tensor', relative to its tensor's mean |g| (over the coordinates with a non-zero gradient), so a task
     whose gradients sit a decade higher or lower looks the same to the network (OPEN and VeLO normalise their inputs
@@ -395,6 +396,8 @@ def learned_optimizer(
     (about 200 floats per coordinate), one update at a time.
     """
     apply = jax.checkpoint(net.apply) if rematerialize else net.apply
+    if input_norm not in INPUT_NORMS:
+        raise UserError(f"input_norm {input_norm!r}: must be one of {', '.join(INPUT_NORMS)}")
     schedule = lopt_params["params"].get(STEP_SCHEDULE)
     if schedule is not None and (num_updates is None or num_updates < 1):
         raise UserError(f"this learned optimizer has a step schedule over training progress: pass num_updates, the "

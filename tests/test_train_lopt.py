@@ -447,6 +447,8 @@ def test_input_norm_tensor_reads_each_gradient_relative_to_its_tensors_mean(tmp_
         np.testing.assert_allclose(run("tensor", a, b), run("tensor"), rtol=2e-4, atol=1e-7)
     assert np.all(run("tensor")[:, 0] == 0.0)
     assert not np.allclose(run("none", 1e3, 1e-4), run("none"), rtol=1e-2)
+    with pytest.raises(UserError, match="input_norm 'layer': must be one of none, tensor"):
+        learned_optimizer(net, params, 0.1, input_norm="layer")
     args = tiny_args(input_norm="tensor")
     assert lopt_config(args)["input_norm"] == "tensor"
     g = {"w": jnp.array([3.0, -0.2, 1e-4, 2e-7])}
