@@ -828,6 +828,8 @@ RECIPES = {
                                                     "(all three), kept") for spread in ("2", "1.5")},
     "tensor_norm_sched_8_s0": kept("tensor_norm_sched_8_s0", f"`{SCREEN} --input-norm tensor --step-schedule 8` "
                                    r"(each gradient read relative to its tensor's mean \|g\|; shape unbounded), kept"),
+    "tensor_norm_sched_8_s1": kept("tensor_norm_sched_8_s1", "the same recipe, meta-seed 1 (`--seed 1`; stopped by "
+                                   "`--time-limit 2100` at meta-step 949 of 1000), kept"),
     "tensor_norm_sched_8_spread_2_s0": kept("tensor_norm_sched_8_spread_2_s0", f"`{SCREEN} --input-norm tensor "
                                             "--step-spread 2 --step-schedule 8` (scale-free inputs, the bound and "
                                             "the schedule), kept"),
