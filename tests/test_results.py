@@ -32,15 +32,20 @@ def test_brax_files_store_what_their_seeds_give(name):
         np.testing.assert_allclose(run["final_return_iqm_ci"], run["recomputed_iqm_ci"], rtol=1e-9)
 
 
+@pytest.fixture(scope="module")
+def regenerated_tables():
+    return table.tables()  # every document's tables: built once per worker, not once per document
+
+
 @pytest.mark.parametrize("document", table.DOCUMENTS)
-def test_document_tables_are_regenerated_from_the_result_files(document):
+def test_document_tables_are_regenerated_from_the_result_files(document, regenerated_tables):
     """Every <!-- table:NAME --> block equals what `python results/table.py --write` would write there."""
     with open(os.path.join(REPO, document)) as f:
         text = f.read()
     found = table.blocks(text)
     assert found, f"{document} has no generated table"
     prefix = "../" * document.count(os.sep)
-    regenerated = table.blocks(table.rewrite(text, table.tables(), prefix))
+    regenerated = table.blocks(table.rewrite(text, regenerated_tables, prefix))
     for name, body in found.items():
         assert body == regenerated[name], f"{document}: table {name} differs from results/table.py's; run it --write"
 
