@@ -402,6 +402,21 @@ def test_checkpoint_keeps_step_schedule_and_load_optimizer_needs_num_updates(tmp
     np.testing.assert_allclose(np.abs(last["w"]), 0.001, rtol=1e-5)  # the end of the schedule: a tenth
 
 
+def new_and_old_checkpoint_steps(tmp_path, args, params, g, setting, **load) -> dict:
+    """The first update of load_optimizer(lr 0.01) on g from a checkpoint of args ('new') and from the same checkpoint
+    with `setting` removed from its config, as one written before that flag ('old')."""
+    steps = {}
+    for name, drop in (("new", False), ("old", True)):
+        ckpt = tl.optimizer_checkpoint(args, params, params, 0)
+        if drop:
+            del ckpt["config"][setting]
+        path = str(tmp_path / f"{name}.msgpack")
+        tl.save_msgpack(path, ckpt)
+        tx = load_optimizer(path, learning_rate=0.01, **load)
+        steps[name] = np.asarray(tx.update(g, tx.init(g))[0]["w"])
+    return steps
+
+
 def test_checkpoint_keeps_step_spread_and_older_ones_load_unbounded(tmp_path):
     """step_spread is part of a checkpoint's config; a checkpoint without it (before the flag) loads unbounded."""
     args = tiny_args(step_spread=1.0)
@@ -409,15 +424,7 @@ def test_checkpoint_keeps_step_spread_and_older_ones_load_unbounded(tmp_path):
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: x + 3.0 * rng.normal(size=x.shape), init_lopt_params(net, jax.random.PRNGKey(0)))
     g = {"w": jnp.array([3.0, -0.2, 1e-4, 2e-7])}
-    steps = {}
-    for name, drop in (("new", False), ("old", True)):
-        ckpt = tl.optimizer_checkpoint(args, params, params, 0)
-        if drop:
-            del ckpt["config"]["step_spread"]
-        path = str(tmp_path / f"{name}.msgpack")
-        tl.save_msgpack(path, ckpt)
-        tx = load_optimizer(path, learning_rate=0.01)
-        steps[name] = np.asarray(tx.update(g, tx.init(g))[0]["w"])
+    steps = new_and_old_checkpoint_steps(tmp_path, args, params, g, "step_spread")
     np.testing.assert_allclose(np.abs(steps["new"]), np.abs(steps["new"]).mean(), rtol=1e-5)  # one size
     assert np.abs(steps["old"]).max() / np.abs(steps["old"]).min() > 1.2  # unbounded: its own shape
 
@@ -452,15 +459,7 @@ def test_input_norm_tensor_reads_each_gradient_relative_to_its_tensors_mean(tmp_
     args = tiny_args(input_norm="tensor")
     assert lopt_config(args)["input_norm"] == "tensor"
     g = {"w": jnp.array([3.0, -0.2, 1e-4, 2e-7])}
-    steps = {}
-    for name, drop in (("new", False), ("old", True)):
-        ckpt = tl.optimizer_checkpoint(args, params, params, 0)
-        if drop:
-            del ckpt["config"]["input_norm"]
-        path = str(tmp_path / f"{name}.msgpack")
-        tl.save_msgpack(path, ckpt)
-        tx = load_optimizer(path, learning_rate=0.01, grad_clip=None)
-        steps[name] = np.asarray(tx.update(g, tx.init(g))[0]["w"])
+    steps = new_and_old_checkpoint_steps(tmp_path, args, params, g, "input_norm", grad_clip=None)
     for name, input_norm in (("new", "tensor"), ("old", "none")):
         tx = learned_optimizer(net, params, 0.01, normalize_step=True, input_norm=input_norm)
         np.testing.assert_allclose(steps[name], np.asarray(tx.update(g, tx.init(g))[0]["w"]), rtol=1e-6)
