@@ -75,7 +75,7 @@ EnvGroup = Literal[tuple(ENV_GROUPS)]  # "gridworld", any single gridworld name,
 # Marks an Args field that a resumed run may change (how long to run, where to write, how to evaluate, how fast).
 # Every other field must match the saved run's (see resume_settings): the safe default for a new flag.
 MayChange = "may change on --resume"
-INPUT_NORMS = ("none", "tensor")  # --input-norm: the scale the learned optimizer reads gradients on
+INPUT_NORMS = ("none", "tensor", "tensor_start")  # --input-norm: the scale the learned optimizer reads gradients on
 
 
 @dataclass
@@ -148,7 +148,8 @@ class Args:
     """what scale the network reads the gradient on: 'none', the absolute one (log|g| after the clip, as the paper);
     'tensor', relative to its tensor's mean |g| (over the coordinates with a non-zero gradient), so a task
     whose gradients sit a decade higher or lower looks the same to the network (OPEN and VeLO normalise their inputs
-    per tensor). Meta-step 0 is sign-SGD either way"""
+    per tensor); 'tensor_start', relative to its tensor's mean |g| at the run's first update, so the task's scale
+    goes but how the gradients grow or shrink over the lifetime stays. Meta-step 0 is sign-SGD either way"""
     grad_scale_range: float = 0.0
     """meta-training only: agent i's gradients are multiplied by 10^s_i before the clip and the optimizer, the s_i
     spread evenly over [-R, R] decades across each task's population, so the optimizer meets other tasks' gradient
@@ -374,6 +375,7 @@ def step_factor(knots: jax.Array, count: jax.Array, num_updates: int) -> jax.Arr
 class LearnedOptState(NamedTuple):
     carry: tuple[jax.Array, ...]  # per-coordinate recurrent state, each (num_coordinates, hidden_size)
     count: jax.Array | None = None  # updates taken; only with a step schedule
+    reference: jax.Array | None = None  # each tensor's first non-zero mean |g| (0 until then); only 'tensor_start'
 
 
 def learned_optimizer(
@@ -383,7 +385,9 @@ def learned_optimizer(
     """A learned optimizer as an optax transformation; all parameter leaves are one flat coordinate batch.
 
     input_norm 'tensor' feeds the network each gradient divided by its tensor's mean |g| over the coordinates with a
-    non-zero gradient (a scale-free input); 'none' feeds it the gradient itself.
+    non-zero gradient (a scale-free input); 'tensor_start' divides by that mean at the first update where the
+    tensor's gradient is non-zero, a fixed reference per run (scale-free across tasks; the lifetime's trend kept);
+    'none' feeds it the gradient itself.
 
     normalize_step divides the network's step by its RMS over the coordinates with a non-zero gradient (the others
     do not move under Optim4RL), so the step's size is the learning rate's alone. step_spread then bounds each
@@ -405,27 +409,32 @@ def learned_optimizer(
 
     def init(params):
         count = None if schedule is None else jnp.zeros((), jnp.int32)
-        return LearnedOptState(initial_carry(net, ravel_pytree(params)[0].size), count)
+        reference = jnp.zeros(len(jax.tree.leaves(params))) if input_norm == "tensor_start" else None
+        return LearnedOptState(initial_carry(net, ravel_pytree(params)[0].size), count, reference)
 
     def update(grads, state, params=None):
         del params
         flat, unravel = ravel_pytree(grads)
-        moving = flat != 0
-        seen = flat
-        if input_norm == "tensor":
+        moving, ids = flat != 0, tensor_ids(grads)
+        seen, reference = flat, state.reference
+        if input_norm != "none":
             # The mean |g|, not the RMS: squares of float32 gradients under- or overflow at extreme scales.
-            scale = tensor_mean(jnp.abs(flat), moving, tensor_ids(grads))
-            seen = jax.lax.stop_gradient(jnp.where(moving, flat / jnp.where(moving, scale, 1.0), 0.0))
+            scale = jax.lax.stop_gradient(tensor_means(jnp.abs(flat), moving, ids))
+            if input_norm == "tensor_start":
+                reference = jnp.where(reference > 0, reference, scale)
+                scale = reference
+            scale = jnp.where(moving, scale[ids], 1.0)
+            seen = jax.lax.stop_gradient(jnp.where(moving, flat / jnp.where(scale > 0, scale, 1.0), 0.0))
         carry, direction = apply(lopt_params, state.carry, seen)
         if normalize_step:
             direction = direction / (jnp.sqrt(jnp.sum(jnp.square(direction)) / jnp.maximum(jnp.sum(moving), 1))
                                      + 1e-12)
         if step_spread < math.inf:
-            direction = bound_spread(direction, moving, tensor_ids(grads), step_spread)
+            direction = bound_spread(direction, moving, ids, step_spread)
         if schedule is None:
-            return unravel(-learning_rate * direction), LearnedOptState(carry)
+            return unravel(-learning_rate * direction), LearnedOptState(carry, None, reference)
         factor = step_factor(schedule, state.count, num_updates)
-        return unravel(-learning_rate * factor * direction), LearnedOptState(carry, state.count + 1)
+        return unravel(-learning_rate * factor * direction), LearnedOptState(carry, state.count + 1, reference)
 
     return optax.GradientTransformation(init, update)
 
@@ -436,17 +445,17 @@ def tensor_ids(tree) -> np.ndarray:
     return np.repeat(np.arange(len(leaves)), [int(np.prod(leaf.shape)) for leaf in leaves])
 
 
-def tensor_mean(values: jax.Array, moving: jax.Array, ids: np.ndarray) -> jax.Array:
-    """For each coordinate, the mean of values over the moving coordinates of its tensor (ids from tensor_ids)."""
+def tensor_means(values: jax.Array, moving: jax.Array, ids: np.ndarray) -> jax.Array:
+    """Each tensor's mean of values over its moving coordinates (0 where none moves; ids from tensor_ids)."""
     num_tensors = int(ids.max()) + 1 if ids.size else 0
     count = jax.ops.segment_sum(moving.astype(values.dtype), ids, num_tensors)
-    return (jax.ops.segment_sum(values * moving, ids, num_tensors) / jnp.maximum(count, 1))[ids]
+    return jax.ops.segment_sum(values * moving, ids, num_tensors) / jnp.maximum(count, 1)
 
 
 def bound_spread(direction: jax.Array, moving: jax.Array, ids: np.ndarray, spread: float) -> jax.Array:
     """Each coordinate's |direction| clipped to [1/spread, spread] times its tensor's mean over the moving ones."""
     magnitude = jnp.abs(direction) * moving
-    mean = tensor_mean(magnitude, moving, ids)
+    mean = tensor_means(magnitude, moving, ids)[ids]
     return jnp.sign(direction) * jnp.clip(magnitude, mean / spread, mean * spread)
 
 
