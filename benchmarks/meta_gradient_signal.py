@@ -85,7 +85,7 @@ class Args:
     es_steps: int = 100_000
     """--against-es and --along: env steps of each agent's lifetime (the validation's)"""
     es_seconds: float = 1800.0
-    """--against-es: stop adding pairs (32 at a time) after this many seconds"""
+    """--against-es: stop adding pairs (32 at a time, or --es-pairs if fewer) after this many seconds"""
     along: bool = False
     """instead of split-half cosines: the validation objective's rise from steps along the truncated meta-gradient
     and along random directions (measure_along)"""
@@ -306,8 +306,8 @@ def measure_against_es(args: Args, objective: str, base: tl.Args, log=print) -> 
     """Does the truncated meta-gradient point uphill on what validation scores? The gradient of the validation
     objective (validation_fitness, both tasks) with respect to the optimizer's parameters is estimated by antithetic
     ES (--es-pairs perturbations of std --es-sigma, the same --es-seeds agents for every member), in rounds of 32
-    pairs until --es-seconds have passed; each task's return differences are divided by that task's return spread
-    in the first round, so that reward scales do not weight it. Reported: the cosine between the ES estimate and the
+    pairs (fewer if --es-pairs is) until --es-seconds have passed; each task's return differences are divided by
+    that task's return spread in the first round, so that reward scales do not weight it. Reported: the cosine between the ES estimate and the
     descent direction of the truncated meta-gradient of the objective's meta-loss (its mean over --measure-steps
     meta-steps at the same parameters), and the ES estimate's split-half cosine (even pairs against odd ones)."""
     agent_args, lopt_params = objective_settings(args, objective, base)
@@ -319,7 +319,7 @@ def measure_against_es(args: Args, objective: str, base: tl.Args, log=print) -> 
     key = jax.random.PRNGKey(args.seed + 2000)  # agents apart from validation's and evaluation's streams
     key, key_agents = jax.random.split(key)
     agent_keys = jax.random.split(key_agents, args.es_seeds)
-    contributions, scales, round_pairs = [], {}, 32
+    contributions, scales, round_pairs = [], {}, min(32, args.es_pairs)
     while len(contributions) < args.es_pairs and (not contributions or time.time() - start < args.es_seconds):
         key, key_noise = jax.random.split(key)
         noise = np.asarray(jax.random.normal(key_noise, (round_pairs, flat.size)), np.float64)

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import eval_brax as eb
+import script_cases
 import train_lopt
 from common import UserError, save_msgpack
 
@@ -233,24 +234,18 @@ CLI_CASES = {
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory):
-    """Every error case as `python eval_brax.py ...`, run at once; each fails before compiling anything."""
+    """Every error case as `python eval_brax.py ...` (tests/script_cases.py: one process for all of them); each fails
+    before compiling anything."""
     folder = tmp_path_factory.mktemp("cli")
     paths = {"corrupt": str(folder / "corrupt.msgpack"), "foreign": str(folder / "foreign.msgpack")}
     with open(paths["corrupt"], "wb") as f:
         f.write(b"\xc1\xc1 this is not msgpack")
     save_msgpack(paths["foreign"], {"weights": np.zeros(3)})  # readable, but not an optimizer checkpoint
-    env = dict(os.environ, COLUMNS="200", JAX_PLATFORMS="cpu")
-    procs = {}
+    cases = {}
     for name, (argv, _) in CLI_CASES.items():
         argv = [a.format(**paths) for a in argv] + ["--env", "fast"] * ("--env" not in argv)
-        argv += ["--out-dir", str(folder)] * ("--out-dir" not in argv)
-        procs[name] = subprocess.Popen([sys.executable, "eval_brax.py", *argv], cwd=REPO, env=env, text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    results = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=120)
-        results[name] = SimpleNamespace(returncode=proc.returncode, stdout=stdout, stderr=stderr)
-    return results, paths
+        cases[name] = argv + ["--out-dir", str(folder)] * ("--out-dir" not in argv)
+    return script_cases.run("eval_brax.py", cases), paths
 
 
 @pytest.mark.parametrize("case", list(CLI_CASES))

@@ -22,6 +22,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import gradient_stats as gs
+import script_cases
 from common import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,25 +54,16 @@ def cli(tmp_path_factory):
         "missing_data": ["--supervised-data", str(folder / "missing.npz")],
         "bad_out_dir": ["--out-dir", "README.md/sub"],  # under a regular file: fails even as root
     }
-    env = dict(os.environ, COLUMNS="200", JAX_PLATFORMS="cpu")
-    procs = {
-        name: subprocess.Popen([sys.executable, "gradient_stats.py", *argv,
-                                *["--out-dir", str(folder / name)] * ("--out-dir" not in argv)],
-                               cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for name, argv in cases.items()
-    }
-    results = {}
+    wait = script_cases.start("gradient_stats.py", {
+        name: [*argv, *["--out-dir", str(folder / name)] * ("--out-dir" not in argv)] for name, argv in cases.items()})
 
     def result(name: str) -> tuple[int, str, str]:
-        if name not in results:
-            stdout, stderr = procs[name].communicate(timeout=120)
-            results[name] = (procs[name].returncode, stdout, stderr)
-        return results[name]
+        r = wait()[name]
+        return r.returncode, r.stdout, r.stderr
 
     yield result
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.kill()
+    if wait.process.poll() is None:
+        wait.process.kill()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -101,14 +101,14 @@ def test_tiny_run_against_pes_writes_its_cosines(tmp_path):
 
 
 def test_tiny_run_against_es_writes_its_cosines(tmp_path):
-    """--against-es at a tiny budget (one round of 32 pairs, 2 agents, short lifetimes): finite cosines in [-1, 1]."""
-    args = dataclasses.replace(TINY, out=str(tmp_path / "es.json"), against_es=True, measure_steps=2, es_pairs=32,
-                               es_seeds=2, es_steps=320)
+    """--against-es at a tiny budget (one round of 8 pairs, 2 agents, short lifetimes): finite cosines in [-1, 1]."""
+    args = dataclasses.replace(TINY, out=str(tmp_path / "es.json"), against_es=True, measure_steps=2, es_pairs=8,
+                               es_seeds=2, es_steps=160)
     mgs.main(args, dataclasses.replace(BASE, eval_envs=2))
     result = json.load(open(args.out))["objectives"]["default"]
     cosines = [result["cosine_truncated_descent_es_ascent"], result["es_split_half_cosine"]]
     assert all(np.isfinite(c) and -1 <= c <= 1 for c in cosines), result
-    assert result["es_pairs"] == 32
+    assert result["es_pairs"] == 8
 
 
 def test_along_directions_recovers_a_known_gradient_and_its_cosine():
@@ -159,7 +159,7 @@ def test_tiny_run_along_writes_its_rises(tmp_path):
     and objectives with the same validation settings share theta's and the random directions' evaluations."""
     args = dataclasses.replace(TINY, out=str(tmp_path / "along.json"), objectives=("default", "paper"), along=True,
                                measure_steps=2, along_seeds=2, along_steps=(10, 30), random_directions=2,
-                               es_steps=320)
+                               es_steps=160)
     mgs.main(args, dataclasses.replace(BASE, eval_envs=2))
     results = json.load(open(args.out))["objectives"]
     for result in results.values():

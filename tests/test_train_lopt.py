@@ -32,6 +32,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import script_cases
 import train_lopt as tl
 from common import ENV_GROUPS, UserError, flag_name, load_msgpack, save_arrays, save_msgpack
 from train_lopt import (
@@ -1223,20 +1224,12 @@ CLI_CASES = {
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory):
-    """Run every CLI case as `python train_lopt.py ...` at once (each one mostly imports JAX)."""
+    """Every CLI case as `python train_lopt.py ...` (tests/script_cases.py: one process for all of them)."""
     folder = tmp_path_factory.mktemp("cli")
     corrupt = folder / "corrupt.msgpack"
     corrupt.write_bytes(b"\xc1\xc1 this is not msgpack")
-    env = dict(os.environ, COLUMNS="200", JAX_PLATFORMS="cpu")
-    procs = {}
-    for name, argv in CLI_CASES.items():
-        argv = [a.format(corrupt=corrupt) for a in argv] + ["--out-dir", str(folder)]
-        procs[name] = subprocess.Popen([sys.executable, "train_lopt.py", *argv], cwd=REPO, env=env, text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    results = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=120)
-        results[name] = SimpleNamespace(returncode=proc.returncode, stdout=stdout, stderr=stderr)
+    results = script_cases.run("train_lopt.py", {
+        name: [a.format(corrupt=corrupt) for a in argv] + ["--out-dir", str(folder)] for name, argv in CLI_CASES.items()})
     results["corrupt_path"] = str(corrupt)
     return results
 
