@@ -75,7 +75,7 @@ EnvGroup = Literal[tuple(ENV_GROUPS)]  # "gridworld", any single gridworld name,
 # Marks an Args field that a resumed run may change (how long to run, where to write, how to evaluate, how fast).
 # Every other field must match the saved run's (see resume_settings): the safe default for a new flag.
 MayChange = "may change on --resume"
-INPUT_NORMS = ("none", "tensor", "tensor_start")  # --input-norm: the scale the learned optimizer reads gradients on
+INPUT_NORMS = ("none", "tensor", "tensor_start", "global")  # --input-norm: the scale the learned optimizer reads gradients on
 
 
 @dataclass
@@ -149,7 +149,9 @@ class Args:
     'tensor', relative to its tensor's mean |g| (over the coordinates with a non-zero gradient), so a task
     whose gradients sit a decade higher or lower looks the same to the network (OPEN and VeLO normalise their inputs
     per tensor); 'tensor_start', relative to its tensor's mean |g| at the run's first update, so the task's scale
-    goes but how the gradients grow or shrink over the lifetime stays. Meta-step 0 is sign-SGD either way"""
+    goes but how the gradients grow or shrink over the lifetime stays; 'global', relative to one mean |g| over all
+    tensors, so the task's scale goes but the tensors' scales relative to each other stay. Meta-step 0 is sign-SGD
+    either way"""
     grad_scale_range: float = 0.0
     """meta-training only: agent i's gradients are multiplied by 10^s_i before the clip and the optimizer, the s_i
     spread evenly over [-R, R] decades across each task's population, so the optimizer meets other tasks' gradient
@@ -387,7 +389,8 @@ def learned_optimizer(
     input_norm 'tensor' feeds the network each gradient divided by its tensor's mean |g| over the coordinates with a
     non-zero gradient (a scale-free input); 'tensor_start' divides by that mean at the first update where the
     tensor's gradient is non-zero, a fixed reference per run (scale-free across tasks; the lifetime's trend kept);
-    'none' feeds it the gradient itself.
+    'global' divides every gradient by one mean |g| over all coordinates with a non-zero gradient (the task's scale
+    gone, the tensors' scales relative to each other kept); 'none' feeds it the gradient itself.
 
     normalize_step divides the network's step by its RMS over the coordinates with a non-zero gradient (the others
     do not move under Optim4RL), so the step's size is the learning rate's alone. step_spread then bounds each
@@ -419,11 +422,12 @@ def learned_optimizer(
         seen, reference = flat, state.reference
         if input_norm != "none":
             # The mean |g|, not the RMS: squares of float32 gradients under- or overflow at extreme scales.
-            scale = jax.lax.stop_gradient(tensor_means(jnp.abs(flat), moving, ids))
+            groups = np.zeros_like(ids) if input_norm == "global" else ids  # 'global': all tensors as one
+            scale = jax.lax.stop_gradient(tensor_means(jnp.abs(flat), moving, groups))
             if input_norm == "tensor_start":
                 reference = jnp.where(reference > 0, reference, scale)
                 scale = reference
-            scale = jnp.where(moving, scale[ids], 1.0)
+            scale = jnp.where(moving, scale[groups], 1.0)
             seen = jax.lax.stop_gradient(jnp.where(moving, flat / jnp.where(scale > 0, scale, 1.0), 0.0))
         carry, direction = apply(lopt_params, state.carry, seen)
         if normalize_step:

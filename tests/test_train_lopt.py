@@ -435,8 +435,9 @@ def test_input_norm_tensor_reads_each_gradient_relative_to_its_tensors_mean(tmp_
     its own factor (1e3 and 1e-4; 1e-30 and 1e30, where squares would leave float32), over several updates, and zero
     gradients still do not move; with 'none' the same rescaling changes the step (the check has teeth).
     'tensor_start' reads every update against the first non-zero one's scale, so it agrees with 'tensor' on a
-    tensor's first non-zero update and, once the gradients grow, not after. A checkpoint stores the choice, and one
-    from before the flag loads as 'none'."""
+    tensor's first non-zero update and, once the gradients grow, not after. 'global' is unchanged by one factor on
+    every tensor and changed by a factor per tensor. A checkpoint stores the choice, and one from before the flag
+    loads as 'none'."""
     net = Optim4RL(hidden_size=8)
     rng = np.random.default_rng(3)
     params = jax.tree.map(lambda x: x + 3.0 * rng.normal(size=x.shape), init_lopt_params(net, jax.random.PRNGKey(0)))
@@ -458,12 +459,15 @@ def test_input_norm_tensor_reads_each_gradient_relative_to_its_tensors_mean(tmp_
             np.testing.assert_allclose(run(input_norm, a, b), run(input_norm), rtol=2e-4, atol=1e-7)
         assert np.all(run(input_norm)[:, 0] == 0.0) and np.all(run(input_norm)[0, 8:] == 0.0)
     assert not np.allclose(run("none", 1e3, 1e-4), run("none"), rtol=1e-2)
+    for scale in (1e3, 1e-30):  # 'global': one common factor divides out, per-tensor factors do not
+        np.testing.assert_allclose(run("global", scale, scale), run("global"), rtol=2e-4, atol=1e-7)
+    assert not np.allclose(run("global", 1e3, 1e-4)[:, 8:], run("global")[:, 8:], rtol=1e-2, atol=0)  # b's steps
     relative, from_start = run("tensor"), run("tensor_start")
     np.testing.assert_allclose(from_start[0], relative[0], rtol=1e-6)  # a's first update; b does not move
     ratio = from_start[1, 8:] / relative[1, 8:]  # b's first non-zero update, up to the normalisation over a and b
     np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)
     assert not np.allclose(from_start[1:, :8], relative[1:, :8], rtol=1e-2)  # a has grown 3x and 9x since
-    with pytest.raises(UserError, match="input_norm 'layer': must be one of none, tensor, tensor_start"):
+    with pytest.raises(UserError, match="input_norm 'layer': must be one of none, tensor, tensor_start, global"):
         learned_optimizer(net, params, 0.1, input_norm="layer")
     args = tiny_args(input_norm="tensor")
     assert lopt_config(args)["input_norm"] == "tensor"
