@@ -833,6 +833,12 @@ RECIPES = {
     "tensor_norm_sched_8_spread_2_s0": kept("tensor_norm_sched_8_spread_2_s0", f"`{SCREEN} --input-norm tensor "
                                             "--step-spread 2 --step-schedule 8` (scale-free inputs, the bound and "
                                             "the schedule), kept"),
+    "tensor_start_sched_8_s0": kept("tensor_start_sched_8_s0", f"`{SCREEN} --input-norm tensor_start --step-schedule "
+                                    r"8` (each gradient read relative to its tensor's mean \|g\| at the run's first "
+                                    "update: the task's scale gone, the lifetime's trend kept; shape unbounded), kept"),
+    "tensor_start_sched_8_spread_2_s0": kept("tensor_start_sched_8_spread_2_s0", f"`{SCREEN} --input-norm "
+                                             "tensor_start --step-spread 2 --step-schedule 8` (inputs against the "
+                                             "first update's scale, the bound and the schedule), kept"),
     "spread_2_s0_spread_1": run_with("spread_2_s0_spread_1", "spread_2_s0 run with `--step-spread 1` (its shape "
                                      "removed, its per-tensor sizes kept)"),
     "shipped_spread_1": ("the shipped optimizer run with `--step-spread 1` (not meta-trained so)",
