@@ -839,6 +839,10 @@ RECIPES = {
     "tensor_start_sched_8_spread_2_s0": kept("tensor_start_sched_8_spread_2_s0", f"`{SCREEN} --input-norm "
                                              "tensor_start --step-spread 2 --step-schedule 8` (inputs against the "
                                              "first update's scale, the bound and the schedule), kept"),
+    "global_norm_sched_8_s0": kept("global_norm_sched_8_s0", f"`{SCREEN} --input-norm global --step-schedule 8` "
+                                   r"(every gradient read relative to one mean \|g\| over all tensors: the task's "
+                                   "scale gone, the tensors' relative scales kept; shape unbounded; stopped by "
+                                   "`--time-limit 2100` at meta-step 724, resumed to 1000), kept"),
     "spread_2_s0_spread_1": run_with("spread_2_s0_spread_1", "spread_2_s0 run with `--step-spread 1` (its shape "
                                      "removed, its per-tensor sizes kept)"),
     "shipped_spread_1": ("the shipped optimizer run with `--step-spread 1` (not meta-trained so)",
