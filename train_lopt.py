@@ -75,7 +75,7 @@ EnvGroup = Literal[tuple(ENV_GROUPS)]  # "gridworld", any single gridworld name,
 # Marks an Args field that a resumed run may change (how long to run, where to write, how to evaluate, how fast).
 # Every other field must match the saved run's (see resume_settings): the safe default for a new flag.
 MayChange = "may change on --resume"
-INPUT_NORMS = ("none", "tensor", "tensor_start", "global")  # --input-norm: the scale the learned optimizer reads gradients on
+INPUT_NORMS = ("none", "tensor", "tensor_start", "global")  # --input-norm: the scale the network reads gradients on
 
 
 @dataclass
