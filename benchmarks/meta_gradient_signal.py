@@ -307,9 +307,10 @@ def measure_against_es(args: Args, objective: str, base: tl.Args, log=print) -> 
     objective (validation_fitness, both tasks) with respect to the optimizer's parameters is estimated by antithetic
     ES (--es-pairs perturbations of std --es-sigma, the same --es-seeds agents for every member), in rounds of 32
     pairs (fewer if --es-pairs is) until --es-seconds have passed; each task's return differences are divided by
-    that task's return spread in the first round, so that reward scales do not weight it. Reported: the cosine between the ES estimate and the
-    descent direction of the truncated meta-gradient of the objective's meta-loss (its mean over --measure-steps
-    meta-steps at the same parameters), and the ES estimate's split-half cosine (even pairs against odd ones)."""
+    that task's return spread in the first round, so that reward scales do not weight it. Reported: the cosine
+    between the ES estimate and the descent direction of the truncated meta-gradient of the objective's meta-loss
+    (its mean over --measure-steps meta-steps at the same parameters), and the ES estimate's split-half cosine
+    (even pairs against odd ones)."""
     agent_args, lopt_params = objective_settings(args, objective, base)
     start = time.time()
     warmup = agent_args.reset_interval if args.warmup_steps is None else args.warmup_steps

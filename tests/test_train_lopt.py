@@ -1232,8 +1232,9 @@ def cli(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli")
     corrupt = folder / "corrupt.msgpack"
     corrupt.write_bytes(b"\xc1\xc1 this is not msgpack")
-    results = script_cases.run("train_lopt.py", {
-        name: [a.format(corrupt=corrupt) for a in argv] + ["--out-dir", str(folder)] for name, argv in CLI_CASES.items()})
+    cases = {name: [a.format(corrupt=corrupt) for a in argv] + ["--out-dir", str(folder)]
+             for name, argv in CLI_CASES.items()}
+    results = script_cases.run("train_lopt.py", cases)
     results["corrupt_path"] = str(corrupt)
     return results
 
