@@ -427,8 +427,8 @@ def learned_optimizer(
             if input_norm == "tensor_start":
                 reference = jnp.where(reference > 0, reference, scale)
                 scale = reference
-            scale = jnp.where(moving, scale[groups], 1.0)
-            seen = jax.lax.stop_gradient(jnp.where(moving, flat / jnp.where(scale > 0, scale, 1.0), 0.0))
+            scale = scale[groups]  # > 0 wherever the gradient is non-zero, unless a mean underflows
+            seen = jax.lax.stop_gradient(flat / jnp.where(scale > 0, scale, 1.0))
         carry, direction = apply(lopt_params, state.carry, seen)
         if normalize_step:
             direction = direction / (jnp.sqrt(jnp.sum(jnp.square(direction)) / jnp.maximum(jnp.sum(moving), 1))
